@@ -1,0 +1,34 @@
+"""The named errors a user can meet. Each becomes one `error:` line and exit code 2 in the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class EmpgError(Exception):
+    """A problem the user can fix: bad input, bad usage or an unloadable model (exit code 2)."""
+
+
+class BadUsage(EmpgError):
+    """A flag, path or hyperparameter that cannot be used as given."""
+
+
+class ModelLoadError(EmpgError):
+    """The model or tokenizer cannot be loaded as asked (missing, unsafe format, no chat template)."""
+
+
+class BadInput(EmpgError):
+    """A file that does not meet its schema; the message names the file, the column and the first offending row."""
+
+    def __init__(self, path: str | Path, message: str, *, column: str | None = None, row: int | None = None,
+                 trajectory: str | None = None) -> None:
+        where = [str(path)]
+        if column is not None:
+            where.append(f"column '{column}'")
+        if trajectory is not None:
+            where.append(f"trajectory {trajectory}")
+        if row is not None:
+            where.append(f"row {row}")
+        super().__init__(": ".join([where[0], ", ".join(where[1:])]) + f": {message}" if len(where) > 1
+                         else f"{where[0]}: {message}")
+        self.path, self.column, self.row, self.trajectory = str(path), column, row, trajectory

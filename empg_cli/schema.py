@@ -1,0 +1,86 @@
+"""The table schemas of `schemas/*.json` and the column-level check of an Arrow table against them."""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from importlib.resources import files
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow as pa
+
+from .errors import BadInput
+
+SCHEMA_NAMES = ("rollouts", "scored")
+SCHEMA_VERSION = 1
+
+
+@cache
+def load_schema(name: str) -> dict[str, Any]:
+    """The parsed `schemas/<name>.v<SCHEMA_VERSION>.json`."""
+    return json.loads(files("empg_cli").joinpath("schemas", f"{name}.v{SCHEMA_VERSION}.json").read_text())
+
+
+def schema_text(name: str) -> str:
+    """The schema file as shipped, for `empg schema`."""
+    return files("empg_cli").joinpath("schemas", f"{name}.v{SCHEMA_VERSION}.json").read_text()
+
+
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_list_view(t) or pa.types.is_fixed_size_list(t)
+
+
+def is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def _is_messages(t: pa.DataType) -> bool:
+    if not (_is_list(t) and pa.types.is_struct(t.value_type)):
+        return False
+    struct = t.value_type
+    names = {struct.field(i).name: struct.field(i).type for i in range(struct.num_fields)}
+    return all(k in names and is_text(names[k]) for k in ("role", "content"))
+
+
+TYPE_CHECKS: dict[str, Callable[[pa.DataType], bool]] = {
+    "string": is_text,
+    "integer": pa.types.is_integer,
+    "int32": pa.types.is_integer,
+    "int64": pa.types.is_integer,
+    "float64": lambda t: pa.types.is_floating(t) or pa.types.is_integer(t),
+    "list<int32>": lambda t: _is_list(t) and pa.types.is_integer(t.value_type),
+    "list<float32>": lambda t: _is_list(t) and (pa.types.is_floating(t.value_type) or pa.types.is_integer(t.value_type)),
+    "list<struct<role:string,content:string>>": _is_messages,
+}
+
+
+def check_column_types(table: pa.Table, path: str | Path, name: str) -> None:
+    """Every column the schema `name` knows that is present must have a compatible Arrow type."""
+    schema = load_schema(name)
+    columns = list(schema["columns"])
+    if name == "scored":
+        columns = load_schema("rollouts")["columns"] + columns
+    for col in columns:
+        if col["name"] in table.column_names:
+            actual = table.schema.field(col["name"]).type
+            if not TYPE_CHECKS[col["type"]](actual):
+                raise BadInput(path, f"has Arrow type {actual}, expected {col['type']} "
+                                     f"(see `empg schema {name}`)", column=col["name"])
+
+
+def check_required_columns(table: pa.Table, path: str | Path) -> tuple[str, str]:
+    """Required rollout columns are present; returns the chosen (input, output) columns, ids before text."""
+    schema = load_schema("rollouts")
+    for col in schema["columns"]:
+        if col["required"] is True and col["name"] not in table.column_names:
+            raise BadInput(path, f"required column '{col['name']}' is missing; the rollouts schema is "
+                                 f"`empg schema rollouts`")
+    chosen = []
+    for role, candidates in schema["one_of"].items():
+        present = [c for c in candidates if c in table.column_names]
+        if not present:
+            raise BadInput(path, f"no policy {role} column: one of {', '.join(candidates)} is required "
+                                 f"(see `empg schema rollouts`)")
+        chosen.append(present[0])
+    return chosen[0], chosen[1]

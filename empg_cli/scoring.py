@@ -1,0 +1,192 @@
+"""Load a causal LM safely and rescore response tokens: per-token entropy, sum p^2 and log-prob (SPEC 3).
+
+The base model runs once per token-budget batch; the LM head is applied only at the positions that
+predict response tokens, in chunks (stats.token_stats_from_hidden), so no full-vocabulary logits are
+ever built for prompt positions and peak memory does not grow with vocabulary x positions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from .errors import BadUsage, ModelLoadError
+from .sequences import Unit
+from .stats import TokenStats, token_stats_from_hidden
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+HEAD_CHECK_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 5e-2}
+
+
+def resolve_device(name: str, *, cuda: bool | None = None, mps: bool | None = None) -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; an explicit device must be available."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    mps = (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()) if mps is None else mps
+    if name == "auto":
+        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
+    if (name == "cuda" and not cuda) or (name == "mps" and not mps):
+        raise BadUsage(f"--device {name} is not available on this machine (use --device auto or cpu)")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` is bfloat16 on cuda and float32 elsewhere; statistics are float32 either way."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def attention_implementation(device: torch.device, dtype: torch.dtype) -> str:
+    """FlashAttention-2 on cuda in half precision when installed, else PyTorch SDPA."""
+    if device.type == "cuda" and dtype != torch.float32 and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def weights_sha256(directory: Path) -> str:
+    """sha256 over the weight files of a checkpoint folder (name and content of each, in name order)."""
+    digest = hashlib.sha256()
+    for f in sorted(p for p in directory.iterdir() if p.suffix in WEIGHT_SUFFIXES):
+        with open(f, "rb") as fh:
+            digest.update(f.name.encode() + b"\0" + hashlib.file_digest(fh, "sha256").digest())
+    return digest.hexdigest()
+
+
+def _local_dir(ref: str) -> Path | None:
+    """The folder holding a model's files: the path itself, or the hub cache's snapshot of a hub id."""
+    if Path(ref).is_dir():
+        return Path(ref)
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(ref, local_files_only=True))
+    except Exception:  # not in the cache: no hash rather than a network call
+        return None
+
+
+@dataclass
+class Policy:
+    """A loaded model and what the scorer needs to know about it."""
+
+    model: Any
+    tokenizer: Any
+    ref: str
+    weights_sha256: str | None
+    device: torch.device
+    dtype: torch.dtype
+    max_len: int | None
+    vocab_size: int
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from final hidden states, with the post-head transforms some architectures apply."""
+        logits = self.model.get_output_embeddings()(hidden)
+        cfg = self.model.config
+        if getattr(cfg, "final_logit_softcapping", None):  # Gemma 2/3
+            cap = cfg.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
+        if getattr(cfg, "logit_scale", None) not in (None, 1.0):  # Cohere
+            logits = logits * cfg.logit_scale
+        return logits
+
+
+def load_policy(ref: str, *, device: torch.device, dtype: torch.dtype, allow_pickle: bool = False,
+                trust_remote_code: bool = False) -> Policy:
+    """Load model and tokenizer: safetensors only and no remote code unless allowed (SPEC 5)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    looks_local = ref.startswith((".", "/", "~")) or Path(ref).exists() or ref.count("/") > 1
+    if looks_local and not Path(ref).is_dir():
+        raise ModelLoadError(f"model folder {ref} does not exist")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            ref, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=None if allow_pickle else True,
+            attn_implementation=attention_implementation(device, dtype))
+    except (OSError, ValueError, EnvironmentError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = "" if allow_pickle else " (only safetensors weights load unless --allow-pickle is given)"
+        raise ModelLoadError(f"cannot load model {ref}: {first}{hint}") from exc
+    model.to(device).eval()
+    local = _local_dir(ref)
+    max_len = getattr(model.config, "max_position_embeddings", None)
+    return Policy(model, tokenizer, ref, weights_sha256(local) if local else None, device, dtype, max_len,
+                  model.get_input_embeddings().num_embeddings)
+
+
+def token_budget_batches(lengths: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
+    """Unit indices grouped longest first so that (longest length x count) <= batch_tokens (one unit at least)."""
+    order = np.argsort(-lengths, kind="stable")
+    batches, current, width = [], [], 0
+    for i in order:
+        width = width or int(lengths[i])
+        if current and width * (len(current) + 1) > batch_tokens:
+            batches.append(np.array(current))
+            current, width = [], int(lengths[i])
+        current.append(i)
+    if current:
+        batches.append(np.array(current))
+    return batches
+
+
+def _pack(units: Sequence[Unit]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids and mask (B, L), and for every response token its (batch, position-1) and target id."""
+    width = max(len(u.tokens) for u in units)
+    ids = np.zeros((len(units), width), dtype=np.int64)
+    mask = np.zeros((len(units), width), dtype=np.int64)
+    for b, u in enumerate(units):
+        ids[b, :len(u.tokens)] = u.tokens
+        mask[b, :len(u.tokens)] = 1
+    counts = np.array([int(u.lengths.sum()) for u in units])
+    batch_idx = np.repeat(np.arange(len(units)), counts)
+    # response token at position s + j is predicted by the hidden state at s + j - 1
+    pos_idx = np.concatenate([np.concatenate([np.arange(s, s + n) for s, n in zip(u.starts, u.lengths)])
+                              for u in units]) - 1
+    targets = ids[batch_idx, pos_idx + 1]
+    return (torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(batch_idx), torch.from_numpy(pos_idx),
+            torch.from_numpy(targets))
+
+
+def _check_head(policy: Policy, ids: torch.Tensor, hidden: torch.Tensor) -> None:
+    """Once per model: the head path must reproduce the model's own logits, else the architecture is unsupported."""
+    n = min(ids.shape[1], 8)
+    with torch.inference_mode():
+        reference = policy.model(input_ids=ids[:1, :n]).logits[0].float()
+    ours = policy.head(hidden[0, :n]).float()
+    err = (ours - reference).abs().max().item()
+    if err > HEAD_CHECK_TOLERANCE[policy.dtype] * max(1.0, reference.abs().max().item()):
+        raise ModelLoadError(f"model {policy.ref}: its logits are not lm_head(final hidden state) (max diff {err:.3g}); "
+                             "this architecture is not supported by empg's response-only scorer")
+
+
+def score_units(policy: Policy, units: Sequence[Unit], *, temperature: float, batch_tokens: int,
+                on_tokens: Callable[[int], None] | None = None) -> list[TokenStats]:
+    """Per-token statistics of every unit's responses, one TokenStats per unit (responses in unit order)."""
+    decoder = policy.model.get_decoder()
+    lengths = np.array([len(u.tokens) for u in units], dtype=np.int64)
+    results: list[TokenStats | None] = [None] * len(units)
+    checked = False
+    for batch in token_budget_batches(lengths, batch_tokens):
+        members = [units[i] for i in batch]
+        ids, mask, batch_idx, pos_idx, targets = _pack(members)
+        with torch.inference_mode():
+            hidden = decoder(input_ids=ids.to(policy.device),
+                             attention_mask=mask.to(policy.device)).last_hidden_state  # (B, L, d)
+            if not checked:
+                _check_head(policy, ids.to(policy.device), hidden)
+                checked = True
+            selected = hidden[batch_idx.to(policy.device), pos_idx.to(policy.device)]  # (N, d)
+            stats = token_stats_from_hidden(selected, policy.head, targets.to(policy.device), temperature)
+        stats = TokenStats(*(t.cpu() for t in stats))
+        bounds = np.concatenate([[0], np.cumsum([int(u.lengths.sum()) for u in members])])
+        for k, i in enumerate(batch):
+            results[i] = TokenStats(*(t[bounds[k]:bounds[k + 1]] for t in stats))
+        if on_tokens:
+            on_tokens(int(mask.sum()))
+    return results  # type: ignore[return-value]
+
