@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from .errors import BadUsage
 
 Estimator = Literal["grpo", "drgrpo", "rloo", "reinforce", "column"]
-ESTIMATORS: tuple[str, ...] = ("grpo", "drgrpo", "rloo", "reinforce", "column")
-REWARD_AGGS: tuple[str, ...] = ("equal", "sum")
-EMPG_NORMS: tuple[str, ...] = ("mean", "meanstd")
-ENTROPY_SOURCES: tuple[str, ...] = ("model", "logged")
-DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda", "mps")
-DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
-TRUNCATIONS: tuple[str, ...] = ("none", "left")
+RewardAgg = Literal["equal", "sum"]
+EmpgNorm = Literal["mean", "meanstd"]
+EntropySource = Literal["model", "logged"]
+Device = Literal["auto", "cpu", "cuda", "mps"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Truncation = Literal["none", "left"]
+ESTIMATORS, REWARD_AGGS, EMPG_NORMS = get_args(Estimator), get_args(RewardAgg), get_args(EmpgNorm)
+ENTROPY_SOURCES, DEVICES, DTYPES, TRUNCATIONS = get_args(EntropySource), get_args(Device), get_args(Dtype), \
+    get_args(Truncation)
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -66,8 +68,8 @@ class ScoreConfig:
     """auto (cuda, then mps, then cpu), cpu, cuda or mps."""
     dtype: str = "auto"
     """Model weights' dtype: auto (bfloat16 on cuda, float32 elsewhere), float32, bfloat16, float16."""
-    temperature: float = 1.0
-    """Sampling temperature T: entropies are of softmax(z / T). Set it to the rollout's sampling temperature."""
+    temperature: float | None = None
+    """Sampling temperature T: entropies are of softmax(z / T). None: the input metadata's `temperature`, else 1.0."""
     entropy_source: str = "model"
     """`model`: rescore with the policy; `logged`: mean of the input's `token_entropy`."""
     batch_tokens: int = 8192
@@ -88,7 +90,7 @@ class ScoreConfig:
         _check_choice("--dtype", self.dtype, DTYPES)
         _check_choice("--entropy-source", self.entropy_source, ENTROPY_SOURCES)
         _check_choice("--truncate-prompt", self.truncate_prompt, TRUNCATIONS)
-        if not self.temperature > 0:
+        if self.temperature is not None and not self.temperature > 0:
             raise BadUsage(f"--temperature must be > 0; got {self.temperature}")
         if self.batch_tokens < 1:
             raise BadUsage(f"--batch-tokens must be >= 1; got {self.batch_tokens}")

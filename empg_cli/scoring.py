@@ -99,6 +99,9 @@ def load_policy(ref: str, *, device: torch.device, dtype: torch.dtype, allow_pic
                 trust_remote_code: bool = False) -> Policy:
     """Load model and tokenizer: safetensors only and no remote code unless allowed (SPEC 5)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bar is the one the user watches
 
     looks_local = ref.startswith((".", "/", "~")) or Path(ref).exists() or ref.count("/") > 1
     if looks_local and not Path(ref).is_dir():
@@ -165,28 +168,28 @@ def _check_head(policy: Policy, ids: torch.Tensor, hidden: torch.Tensor) -> None
 
 
 def score_units(policy: Policy, units: Sequence[Unit], *, temperature: float, batch_tokens: int,
-                on_tokens: Callable[[int], None] | None = None) -> list[TokenStats]:
-    """Per-token statistics of every unit's responses, one TokenStats per unit (responses in unit order)."""
+                on_tokens: Callable[[int], None] | None = None) -> TokenStats:
+    """Per-token statistics of all units' responses, concatenated in unit order (responses in unit order)."""
     decoder = policy.model.get_decoder()
     lengths = np.array([len(u.tokens) for u in units], dtype=np.int64)
-    results: list[TokenStats | None] = [None] * len(units)
+    counts = np.array([int(u.lengths.sum()) for u in units], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    out = TokenStats(*(torch.empty(int(offsets[-1]), dtype=torch.float32) for _ in range(3)))
     checked = False
     for batch in token_budget_batches(lengths, batch_tokens):
-        members = [units[i] for i in batch]
-        ids, mask, batch_idx, pos_idx, targets = _pack(members)
+        ids, mask, batch_idx, pos_idx, targets = _pack([units[i] for i in batch])
+        ids, mask = ids.to(policy.device), mask.to(policy.device)
         with torch.inference_mode():
-            hidden = decoder(input_ids=ids.to(policy.device),
-                             attention_mask=mask.to(policy.device)).last_hidden_state  # (B, L, d)
+            hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, d)
             if not checked:
-                _check_head(policy, ids.to(policy.device), hidden)
+                _check_head(policy, ids, hidden)
                 checked = True
             selected = hidden[batch_idx.to(policy.device), pos_idx.to(policy.device)]  # (N, d)
             stats = token_stats_from_hidden(selected, policy.head, targets.to(policy.device), temperature)
-        stats = TokenStats(*(t.cpu() for t in stats))
-        bounds = np.concatenate([[0], np.cumsum([int(u.lengths.sum()) for u in members])])
-        for k, i in enumerate(batch):
-            results[i] = TokenStats(*(t[bounds[k]:bounds[k + 1]] for t in stats))
+        # scatter the batch's tokens (in batch order) to their units' places in the output
+        where = torch.from_numpy(np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in batch]))
+        for dst, src in zip(out, stats):
+            dst[where] = src.float().cpu()
         if on_tokens:
             on_tokens(int(mask.sum()))
-    return results  # type: ignore[return-value]
-
+    return out

@@ -62,11 +62,11 @@ def token_rows(table: pa.Table, column: str, tokenizer: Any, path: Path) -> Toke
     return TokenRows.from_lists(tokenizer(array.to_pylist(), add_special_tokens=False)["input_ids"])
 
 
-def check_vocabulary(tokens: TokenRows, vocab_size: int, path: Path, column: str) -> None:
-    """Every id is in [0, vocab_size)."""
+def check_vocabulary(tokens: TokenRows, vocab_size: int, path: Path, column: str, row_ids: np.ndarray) -> None:
+    """Every id is in [0, vocab_size); `row_ids` maps token rows to file rows for the message."""
     bad = np.flatnonzero((tokens.values < 0) | (tokens.values >= vocab_size))
     if bad.size:
-        row = int(np.searchsorted(tokens.offsets, bad[0], side="right") - 1)
+        row = int(row_ids[np.searchsorted(tokens.offsets, bad[0], side="right") - 1])
         raise BadInput(path, f"token id {tokens.values[bad[0]]} is outside the model's vocabulary "
                              f"(0..{vocab_size - 1})", column=column, row=row)
 
@@ -93,13 +93,12 @@ def _is_chain(prompts: TokenRows, responses: TokenRows, rows: np.ndarray) -> boo
 
 def plan_units(trajectories: Sequence[np.ndarray], prompts: TokenRows, responses: TokenRows, *,
                max_len: int | None, truncate_left: bool, share_prefix: bool, path: Path,
-               row_ids: np.ndarray | None = None) -> tuple[list[Unit], int]:
+               row_ids: np.ndarray) -> tuple[list[Unit], int]:
     """Sequences to score: one per prefix-chained trajectory, else one per step.
 
     `trajectories` holds each trajectory's row positions (into prompts/responses) in step order; `row_ids`
     maps those positions to file rows for messages. Returns the units and how many prompts were truncated.
     """
-    row_ids = np.arange(len(prompts)) if row_ids is None else row_ids
     limit = max_len or np.iinfo(np.int64).max
     units: list[Unit] = []
     too_long: list[int] = []

@@ -1,0 +1,273 @@
+"""The `empg` command line: parse flags, call one library function, print; errors become one `error:` line."""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Literal, Optional
+
+import typer
+from typer.exceptions import TyperException
+from rich.console import Console
+
+from . import __version__
+from .config import (Device, Dtype, EmpgNorm, EntropySource, Estimator, RewardAgg, ScoreConfig, Truncation,
+                     advantage_config_from)
+from .errors import EmpgError
+
+app = typer.Typer(help="Entropy-modulated credit assignment for RL-trained LLM agents: rescore logged rollouts, "
+                       "compute EMPG and AEM advantages, plot entropy dynamics, audit credit.",
+                  no_args_is_help=True, rich_markup_mode="rich", pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]})
+plot_app = typer.Typer(help="Figures from scored files.", no_args_is_help=True)
+app.add_typer(plot_app, name="plot")
+out = Console()
+err = Console(stderr=True)
+
+DEBUG = typer.Option(False, "--debug", help="Show the full traceback on errors.")
+OUTPUT = typer.Option(None, "-o", "--output", help="Output Parquet (default: beside the input).")
+OVERWRITE = typer.Option(False, "--overwrite", help="Replace an existing output file.")
+
+
+# Advantage hyperparameters: shared by `score` and `advantages`; None means "the stored or default value".
+ESTIMATOR = typer.Option(None, "--estimator",
+                         help="Base advantage A_i [default: grpo].")
+REWARD_AGG = typer.Option(None, "--reward-agg",
+                          help="Trajectory reward from step rewards: equal (must be equal) or sum [default: equal].")
+K = typer.Option(None, "--k", help="EMPG scaling strength k >= 0 [default: 1.0].")
+K_FUTURE = typer.Option(None, "--k-future", help="EMPG future-clarity strength k' >= 0 [default: 1.0].")
+ZETA = typer.Option(None, "--zeta", help="EMPG future-clarity weight zeta >= 0 [default: 0.1].")
+EMPG_NORM = typer.Option(None, "--empg-norm",
+                         help="EMPG batch normalisation [default: mean].")
+AEM_TAU = typer.Option(None, "--aem-tau", help="AEM temperature tau > 0 [default: 1.0].")
+BATCH_KEY = typer.Option(None, "--batch-key", help="Column(s) defining EMPG's batch; repeat or comma-separate "
+                                                   "[default: run,iteration].")
+
+
+@contextmanager
+def _reported(debug: bool) -> Iterator[None]:
+    """Known errors: one `error:` line, exit 2. Anything else: exit 1. --debug re-raises with the traceback."""
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except EmpgError as exc:
+        if debug:
+            raise
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except Exception as exc:
+        if debug:
+            raise
+        typer.echo(f"error: internal failure ({type(exc).__name__}: {exc}); rerun with --debug for the traceback",
+                   err=True)
+        raise typer.Exit(1) from None
+
+
+def _advantage_flags(estimator, reward_agg, k, k_future, zeta, empg_norm, aem_tau, batch_key) -> dict:
+    keys = tuple(part.strip() for item in batch_key or [] for part in item.split(",") if part.strip()) or None
+    return dict(estimator=estimator, reward_agg=reward_agg, k=k, k_future=k_future, zeta=zeta, empg_norm=empg_norm,
+                aem_tau=aem_tau, batch_key=keys)
+
+
+def _default_output(path: Path, suffix: str) -> Path:
+    return path.with_name(f"{path.name.removesuffix('.parquet')}.{suffix}.parquet")
+
+
+def _print_summary(summary) -> None:
+    from rich.table import Table
+    table = Table(show_header=False, box=None, padding=(0, 2))
+    table.add_row("rows", f"{summary.rows:,}")
+    table.add_row("trajectories", f"{summary.trajectories:,} in {summary.groups:,} groups, "
+                                  f"{summary.iterations} iteration(s)")
+    table.add_row("success rate", f"{summary.success_rate:.1%} (traj_reward > 0)")
+    table.add_row("mean step entropy", f"{summary.mean_step_entropy:.4f} nats")
+    if summary.tokens_scored:
+        table.add_row("rescored", f"{summary.tokens_scored:,} response tokens in {summary.seconds:.1f} s "
+                                  f"on {summary.device} ({summary.dtype})")
+    table.add_row("wrote", str(summary.output))
+    out.print(table)
+
+
+@app.command(epilog="Example: empg score runs.parquet --model ckpt/global_step_{iteration}/actor/huggingface")
+def score(
+    input: Path = typer.Argument(..., help="Rollouts Parquet, one row per agent step."),
+    output: Optional[Path] = OUTPUT,
+    overwrite: bool = OVERWRITE,
+    model: Optional[str] = typer.Option(None, "--model", help="Checkpoint folder, hub id, or template with "
+                                        "{iteration}; default: the model named in the input's metadata."),
+    device: Device = typer.Option("auto", "--device", help="cuda, then mps, then cpu."),
+    dtype: Dtype = typer.Option("auto", "--dtype", help="bfloat16 on cuda, else float32."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature T > 0 "
+                                                "[default: the input metadata's, else 1.0]."),
+    entropy_source: EntropySource = typer.Option("model", "--entropy-source",
+                                       help="Rescore with the model, or average the logged token_entropy."),
+    estimator: Optional[Estimator] = ESTIMATOR, reward_agg: Optional[RewardAgg] = REWARD_AGG, k: Optional[float] = K,
+    k_future: Optional[float] = K_FUTURE, zeta: Optional[float] = ZETA, empg_norm: Optional[EmpgNorm] = EMPG_NORM,
+    aem_tau: Optional[float] = AEM_TAU, batch_key: Optional[list[str]] = BATCH_KEY,
+    batch_tokens: int = typer.Option(8192, "--batch-tokens", help="Token budget of one forward batch."),
+    token_level: bool = typer.Option(False, "--token-level", help="Also write per-token lists for token-level losses."),
+    truncate_prompt: Truncation = typer.Option("none", "--truncate-prompt",
+                                        help="left: drop the oldest prompt tokens of over-long sequences."),
+    prefix_sharing: bool = typer.Option(True, "--prefix-sharing/--no-prefix-sharing",
+                                        help="Score prefix-chained trajectories in one forward pass."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow non-safetensors weights."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the checkpoint."),
+    debug: bool = DEBUG,
+) -> None:
+    """Rescore every step with the policy and compute base, EMPG and AEM advantages.
+
+    Writes INPUT.scored.parquet: every input row and column, then the step statistics and advantages.
+    """
+    with _reported(debug):
+        from .pipeline import Progress, score_file
+        adv = advantage_config_from(None, **_advantage_flags(estimator, reward_agg, k, k_future, zeta, empg_norm,
+                                                             aem_tau, batch_key))
+        cfg = ScoreConfig(model=model, device=device, dtype=dtype, temperature=temperature,
+                          entropy_source=entropy_source, batch_tokens=batch_tokens, token_level=token_level,
+                          truncate_prompt=truncate_prompt, prefix_sharing=prefix_sharing, allow_pickle=allow_pickle,
+                          trust_remote_code=trust_remote_code)
+        with _token_progress() as progress:
+            summary = score_file(input, output or _default_output(input, "scored"), cfg, adv, overwrite=overwrite,
+                                 progress=progress)
+        _print_summary(summary)
+
+
+@contextmanager
+def _token_progress():
+    """A rich progress bar in tokens and tokens/s on stderr, shown once rescoring starts."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, ProgressColumn, TextColumn, \
+        TimeRemainingColumn
+    from rich.text import Text
+
+    from .pipeline import Progress
+
+    class Rate(ProgressColumn):
+        def render(self, task) -> Text:
+            speed = task.finished_speed or task.speed or (task.completed / task.elapsed if task.elapsed else 0)
+            return Text(f"{speed:,.0f} tok/s")
+
+    bar = Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(), TimeRemainingColumn(),
+              console=err)
+    task = bar.add_task("rescoring", total=0)
+
+    def start(total: int) -> None:
+        bar.start()
+        bar.update(task, total=(bar.tasks[0].total or 0) + total, description="rescoring")
+
+    try:
+        yield Progress(start=start, advance=lambda n: bar.advance(task, n),
+                       note=lambda message: bar.update(task, description=message))
+    finally:
+        if bar.live.is_started:
+            bar.stop()
+
+
+@app.command(epilog="Example: empg advantages runs.scored.parquet --k 2 --zeta 0 -o sweep_k2.parquet")
+def advantages(
+    input: Path = typer.Argument(..., help="A scored Parquet from `empg score`."),
+    output: Optional[Path] = OUTPUT,
+    overwrite: bool = OVERWRITE,
+    estimator: Optional[Estimator] = ESTIMATOR, reward_agg: Optional[RewardAgg] = REWARD_AGG, k: Optional[float] = K,
+    k_future: Optional[float] = K_FUTURE, zeta: Optional[float] = ZETA, empg_norm: Optional[EmpgNorm] = EMPG_NORM,
+    aem_tau: Optional[float] = AEM_TAU, batch_key: Optional[list[str]] = BATCH_KEY,
+    debug: bool = DEBUG,
+) -> None:
+    """Recompute only the advantages of a scored file (no model), for hyperparameter sweeps.
+
+    Flags you leave out keep the values stored in the file's metadata.
+    """
+    with _reported(debug):
+        from .pipeline import advantages_file
+        summary = advantages_file(input, output or _default_output(input, "adv"),
+                                  _advantage_flags(estimator, reward_agg, k, k_future, zeta, empg_norm, aem_tau,
+                                                   batch_key), overwrite=overwrite)
+        _print_summary(summary)
+
+
+@plot_app.command(epilog="Example: empg plot dynamics runs.scored.parquet other.scored.parquet --out-dir plots")
+def dynamics(
+    inputs: list[Path] = typer.Argument(..., help="One or more scored Parquet files (runs overlay)."),
+    out_dir: Path = typer.Option(Path("plots"), "--out-dir", help="Folder for the figures."),
+    fmt: Literal["png", "svg", "pdf"] = typer.Option("png", "--format", help="Image format."),
+    debug: bool = DEBUG,
+) -> None:
+    """Entropy drift over iterations and gradient-norm coupling (EMPG Proposition 1)."""
+    with _reported(debug):
+        from .dynamics import load_scored
+        from .plots import plot_dynamics
+        for path in plot_dynamics(load_scored(inputs), out_dir, fmt):
+            out.print(f"wrote {path}", highlight=False)
+
+
+@app.command(epilog="Example: empg audit runs.scored.parquet --format markdown --top 10")
+def audit(
+    input: Path = typer.Argument(..., help="A scored Parquet from `empg score`."),
+    fmt: Literal["table", "markdown", "json"] = typer.Option("table", "--format",
+                            help="Rich tables, Markdown, or JSON for scripts (docs/audit.md)."),
+    top: int = typer.Option(5, "--top", min=0, help="How many confident mistakes and uncertain successes to show."),
+    debug: bool = DEBUG,
+) -> None:
+    """Credit-assignment report: confident/uncertain x success/failure, top cases, invariants, correlations."""
+    with _reported(debug):
+        from .audit import build_audit, render_audit
+        from .dynamics import load_scored
+        rendered = render_audit(build_audit(load_scored([input]), top=top), fmt)
+        if isinstance(rendered, str):
+            typer.echo(rendered)
+        else:
+            out.print(rendered)
+
+
+@app.command(epilog="Example: empg validate runs.parquet")
+def validate(
+    input: Path = typer.Argument(..., help="A rollouts or scored Parquet file."),
+    debug: bool = DEBUG,
+) -> None:
+    """Check a file against its schema (a scored file is recognised by its columns)."""
+    with _reported(debug):
+        from .config import AdvantageConfig
+        from .rollouts import read_rollouts, read_table
+        scored = "step_entropy" in read_table(input).column_names
+        rollouts = read_rollouts(input, AdvantageConfig(), scored=scored)
+        steps = rollouts.steps
+        out.print(f"ok: {input} is a valid {'scored' if scored else 'rollouts'} file: {steps.height:,} rows, "
+                  f"{steps.select('run', 'iteration', 'group_id', 'traj_id').n_unique():,} trajectories, "
+                  f"{steps.select('run', 'iteration', 'group_id').n_unique():,} groups, "
+                  f"{steps['iteration'].n_unique()} iteration(s); input '{rollouts.input_column}', "
+                  f"output '{rollouts.output_column}'", highlight=False)
+
+
+@app.command(epilog="Example: empg schema scored")
+def schema(name: Literal["rollouts", "scored"] = typer.Argument("rollouts",
+                                      help="Which table.")) -> None:
+    """Print a table schema (versioned JSON, as shipped in schemas/)."""
+    from .schema import schema_text
+    typer.echo(schema_text(name), nl=False)
+
+
+@app.callback(invoke_without_command=True)
+def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit.")) -> None:
+    if version:
+        typer.echo(f"empg {__version__}")
+        raise typer.Exit()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: click's usage errors also become one `error:` line with exit code 2."""
+    try:
+        code = app(args=argv, standalone_mode=False, prog_name="empg")
+    except typer.Abort:
+        typer.echo("error: aborted", err=True)
+        return 1
+    except TyperException as exc:  # click's usage errors (typer vendors click)
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx else ""
+        typer.echo(f"error: {exc.format_message().replace('Value error, ', '')}{hint}", err=True)
+        return getattr(exc, "exit_code", 2)
+    return code if isinstance(code, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""The numbers behind `empg plot dynamics` and `empg audit` (SPEC 6), as polars frames.
+
+Every function takes the frame of `load_scored`: one row per step, with `source` (one label per run per file),
+`batch` (EMPG's normalisation scope, SPEC 3.2) and the scored columns of SPEC 2.2. A trajectory succeeds when
+`traj_reward > 0`. Quantiles interpolate linearly between order statistics (numpy's default).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+
+from .config import EPS_RANGE
+from .errors import BadInput
+from .rollouts import read_metadata, read_table
+from .schema import check_column_types, is_text
+
+MODEL_COLUMNS = ("step_renyi2", "step_grad_norm_sq", "step_grad_norm_sq_expected")
+"""Statistics only a model forward pass gives; null when the entropies were logged at generation time."""
+SCORED_COLUMNS = ("step_entropy", *MODEL_COLUMNS, "traj_reward", "adv_base", "empg_h_norm", "empg_g", "adv_empg",
+                  "aem_w", "adv_aem")
+KEY_COLUMNS = ("group_id", "traj_id", "step")
+TEXT_COLUMNS = ("response", "prompt")
+"""Where a step's text snippet comes from: the first of these present as a string column."""
+ESTIMATORS = {"base": "adv_base", "empg": "adv_empg", "aem": "adv_aem"}
+INVARIANT_TOL = 1e-6
+"""Absolute tolerance of the SPEC 3 invariant checks (float64 sums of a few thousand terms sit far below it)."""
+
+TRAJ = ["source", "iteration", "group_id", "traj_id"]
+GROUP = ["source", "iteration", "group_id"]
+OUTCOMES = pl.Enum(["success", "failure"])
+POSITIONS = pl.Enum(["early", "middle", "late"])
+CERTAINTIES = pl.Enum(["confident", "uncertain"])
+
+OUTCOME = (pl.when(pl.col("traj_reward") > 0).then(pl.lit("success")).otherwise(pl.lit("failure"))
+           .cast(OUTCOMES).alias("outcome"))
+"""success when the trajectory's reward R_i > 0, else failure."""
+GRAD_NORM = pl.col("step_grad_norm_sq").clip(lower_bound=0.0).sqrt()
+"""‖∇_z log π‖ per step; the clip only removes float round-off below 0 (1 − 2p + Σp² ≥ 0 exactly)."""
+
+
+def update_magnitude(adv_column: str) -> pl.Expr:
+    """Effective update magnitude |A| · ‖∇_z log π‖ of a step (null without model statistics)."""
+    return pl.col(adv_column).abs() * GRAD_NORM
+
+
+def _labels(paths: Sequence[Path]) -> list[str]:
+    """File labels: the stems, or the full paths when two stems collide."""
+    stems = [p.stem for p in paths]
+    return stems if len(set(stems)) == len(stems) else [str(p) for p in paths]
+
+
+def _batch_key(path: Path, table: pa.Table) -> list[str]:
+    """The batch key the advantages were computed with (the file's `empg` metadata), default (run, iteration)."""
+    key = list(((read_metadata(table) or {}).get("advantages") or {}).get("batch_key") or ["run", "iteration"])
+    for name in key:
+        if name not in table.column_names and name not in ("run", "iteration"):
+            raise BadInput(path, "is the batch key of this file's advantages (empg metadata) but is missing",
+                           column=name)
+    return key
+
+
+def _read_one(path: Path, label: str, prefix: bool) -> tuple[pl.DataFrame, list[str]]:
+    """One scored file as a step frame with `file` and `batch` (label string); also its batch labels in order."""
+    table = read_table(path)
+    check_column_types(table, path, "scored")
+    for name in (*KEY_COLUMNS, *SCORED_COLUMNS):
+        if name not in table.column_names:
+            raise BadInput(path, "is missing; this is not a scored file (make one with `empg score`)", column=name)
+    batch_key = _batch_key(path, table)
+    text = next((c for c in TEXT_COLUMNS if c in table.column_names and is_text(table.schema.field(c).type)), None)
+    keep = dict.fromkeys(["run", "iteration", *KEY_COLUMNS, *SCORED_COLUMNS, *batch_key, *([text] if text else [])])
+    frame = pl.from_arrow(table.select([c for c in keep if c in table.column_names]))
+    for name in KEY_COLUMNS + tuple(c for c in SCORED_COLUMNS if c not in MODEL_COLUMNS):
+        nulls = frame[name].is_null().arg_true()
+        if len(nulls):
+            raise BadInput(path, "is null; a scored file has it on every row", column=name, row=int(nulls[0]))
+    if "run" not in frame.columns:
+        frame = frame.with_columns(run=pl.lit("default"))
+    if "iteration" not in frame.columns:
+        frame = frame.with_columns(iteration=pl.lit(0, pl.Int64))
+    frame = frame.with_columns(
+        pl.col("run", "group_id", "traj_id").cast(pl.String), pl.col("iteration", "step").cast(pl.Int64),
+        pl.col(*SCORED_COLUMNS).cast(pl.Float64),
+        (pl.col(text).cast(pl.String) if text else pl.lit(None, pl.String)).alias("text"),
+        file=pl.lit(label))
+    label_expr = pl.concat_str([pl.format(f"{k}={{}}", pl.col(k)) for k in batch_key], separator=", ")
+    if prefix:
+        label_expr = pl.format(f"{label}: {{}}", label_expr)
+    frame = frame.with_columns(batch=label_expr)
+    order = frame.select(*batch_key, "batch").unique().sort(batch_key)["batch"].to_list()
+    return frame.drop(c for c in batch_key if c not in ("run", "iteration")), order
+
+
+def load_scored(paths: Sequence[Path]) -> pl.DataFrame:
+    """One step frame from one or more scored Parquet files (SPEC 2.2), in file order.
+
+    Columns: file, source, batch, run, iteration, group_id, traj_id, step, the scored statistics and advantages,
+    and `text` (the step's `response`, else its `prompt`, else null). `source` is the run name when that run is in
+    one file only, else "file:run"; `batch` names the batch-key values (from the file's `empg` metadata, default
+    run and iteration), prefixed with the file when there are several. Both are Enums in file-then-key order.
+    Raises BadInput for a missing, unreadable or non-scored file.
+    """
+    paths = [Path(p) for p in paths]
+    labels = _labels(paths)
+    read = [_read_one(p, lab, len(paths) > 1) for p, lab in zip(paths, labels)]
+    frame = pl.concat([f for f, _ in read], how="diagonal_relaxed")
+    shared = frame.group_by("run").agg(pl.col("file").n_unique() > 1).filter(pl.col("file"))["run"]
+    frame = frame.with_columns(source=pl.when(pl.col("run").is_in(shared.implode()))
+                               .then(pl.format("{}:{}", "file", "run")).otherwise("run"))
+    sources = frame.select("file", "source").unique().sort(pl.col("file").replace_strict(labels, range(len(labels))),
+                                                           "source")["source"].to_list()
+    batches = [b for _, order in read for b in order]
+    return frame.with_columns(pl.col("source").cast(pl.Enum(sources)), pl.col("batch").cast(pl.Enum(batches))).select(
+        "file", "source", "batch", "run", "iteration", *KEY_COLUMNS, *SCORED_COLUMNS, "text")
+
+
+def has_model_statistics(frame: pl.DataFrame) -> bool:
+    """Whether any row carries ‖∇_z log π‖² (False when every entropy was logged rather than rescored)."""
+    return frame["step_grad_norm_sq"].null_count() < frame.height
+
+
+def _summary(frame: pl.DataFrame, keys: list[str], column: str) -> pl.DataFrame:
+    """Per key: n (non-null values), mean, q25, q75 of `column`, sorted by the keys."""
+    x = pl.col(column)
+    return (frame.group_by(keys)
+            .agg(n=x.count(), mean=x.mean(), q25=x.quantile(0.25, "linear"), q75=x.quantile(0.75, "linear"))
+            .sort(keys))
+
+
+def entropy_drift(frame: pl.DataFrame) -> pl.DataFrame:
+    """Step entropy H_t (nats) per (source, iteration, outcome): n, mean, q25, q75 (the interquartile band)."""
+    return _summary(frame.with_columns(OUTCOME), ["source", "iteration", "outcome"], "step_entropy")
+
+
+def position_in_trajectory() -> pl.Expr:
+    """early / middle / late: the third floor(3 t / T) of step t in a trajectory of T steps.
+
+    early: t < T/3, middle: T/3 ≤ t < 2T/3, late: t ≥ 2T/3. A 1-step trajectory is all early; a 2-step one is
+    early then middle.
+    """
+    third = (3 * pl.col("step")) // pl.len().over(TRAJ)
+    return third.replace_strict([0, 1, 2], ["early", "middle", "late"], return_dtype=POSITIONS).alias("position")
+
+
+def entropy_by_position(frame: pl.DataFrame) -> pl.DataFrame:
+    """Step entropy H_t (nats) per (source, iteration, position) over all trajectories: n, mean, q25, q75."""
+    return _summary(frame.with_columns(position_in_trajectory()), ["source", "iteration", "position"], "step_entropy")
+
+
+def grad_norm_by_iteration(frame: pl.DataFrame) -> pl.DataFrame:
+    """‖∇_z log π‖² per (source, iteration): n (non-null), mean, q25, q75; all null without model statistics."""
+    return _summary(frame, ["source", "iteration"], "step_grad_norm_sq")
+
+
+def entropy_decile() -> pl.Expr:
+    """Decile 1..10 of H_t within its source: d = 1 + #{k in 1..9 : H_t > q_{k/10}}.
+
+    Bins are right-closed, (q_{(d-1)/10}, q_{d/10}], so tied entropies share a bin and a flat source is all decile 1.
+    """
+    h = pl.col("step_entropy")
+    above = [(h > h.quantile(k / 10, "linear").over("source")).cast(pl.Int32) for k in range(1, 10)]
+    return (1 + pl.sum_horizontal(above)).alias("decile")
+
+
+def entropy_deciles(frame: pl.DataFrame) -> pl.DataFrame:
+    """Per (source, entropy decile): n, entropy range and mean (nats), mean ‖∇_z log π‖² measured and expected
+    (1 − Σp², Proposition 1), and mean update magnitude |A| · ‖∇_z log π‖ for base, EMPG and AEM."""
+    h = pl.col("step_entropy")
+    return (frame.with_columns(entropy_decile()).group_by("source", "decile")
+            .agg(n=pl.len(), entropy_min=h.min(), entropy_max=h.max(), entropy_mean=h.mean(),
+                 grad_norm_sq_mean=pl.col("step_grad_norm_sq").mean(),
+                 grad_norm_sq_expected_mean=pl.col("step_grad_norm_sq_expected").mean(),
+                 **{f"update_{name}": update_magnitude(col).mean() for name, col in ESTIMATORS.items()})
+            .sort("source", "decile"))
+
+
+def certainty() -> pl.Expr:
+    """confident: H_norm ≤ the batch's 1/3-quantile; uncertain: H_norm > its 2/3-quantile; the middle third null."""
+    h = pl.col("empg_h_norm")
+    return (pl.when(h <= h.quantile(1 / 3, "linear").over("batch")).then(pl.lit("confident"))
+            .when(h > h.quantile(2 / 3, "linear").over("batch")).then(pl.lit("uncertain"))
+            .cast(CERTAINTIES).alias("certainty"))
+
+
+def quadrants(frame: pl.DataFrame) -> pl.DataFrame:
+    """Per batch × certainty × outcome (all four cells, empty ones with n_steps 0): mean |A| per estimator and
+    the amplification ratios mean|A_empg| / mean|A_base| and mean|A_aem| / mean|A_base| (null when the base is 0)."""
+    cells = (frame.select(pl.col("batch").unique()).join(pl.DataFrame({"certainty": CERTAINTIES.categories}).cast(CERTAINTIES), how="cross")
+             .join(pl.DataFrame({"outcome": OUTCOMES.categories}).cast(OUTCOMES), how="cross"))
+    means = (frame.with_columns(certainty(), OUTCOME).drop_nulls("certainty")
+             .group_by("batch", "certainty", "outcome")
+             .agg(n_steps=pl.len(), **{f"mean_abs_adv_{name}": pl.col(col).abs().mean()
+                                       for name, col in ESTIMATORS.items()}))
+    base = pl.col("mean_abs_adv_base")
+    return (cells.join(means, on=["batch", "certainty", "outcome"], how="left")
+            .with_columns(pl.col("n_steps").fill_null(0).cast(pl.Int64),
+                          *[pl.when(base > 0).then(pl.col(f"mean_abs_adv_{name}") / base).alias(f"amplification_{name}")
+                            for name in ("empg", "aem")])
+            .sort("batch", "certainty", "outcome"))
+
+
+def top_steps(frame: pl.DataFrame, n: int, outcome: str) -> pl.DataFrame:
+    """The n lowest-entropy steps of failed trajectories (`failure`: confident mistakes) or the n highest-entropy
+    steps of successful ones (`success`: uncertain successes); ties in H_t broken by the step's keys."""
+    descending = outcome == "success"
+    return (frame.with_columns(OUTCOME).filter(pl.col("outcome") == outcome)
+            .sort(["step_entropy", *TRAJ, "step"], descending=[descending] + [False] * 5)
+            .head(n)
+            .select("source", "batch", "iteration", "group_id", "traj_id", "step", "step_entropy", "empg_h_norm",
+                    "traj_reward", "adv_base", "adv_empg", "adv_aem", "text"))
+
+
+def correlations(frame: pl.DataFrame) -> pl.DataFrame:
+    """Per source, over the steps with model statistics: Pearson and Spearman correlation of H_t with ‖∇_z log π‖
+    (the policy's own coupling) and with |A| · ‖∇_z log π‖ before (base) and after modulation (EMPG, AEM).
+
+    Null where fewer than two steps have ‖∇_z log π‖ or a quantity is constant.
+    """
+    quantities = {"grad_norm": GRAD_NORM, **{f"update_{name}": update_magnitude(col) for name, col in ESTIMATORS.items()}}
+    rows = frame.filter(pl.col("step_grad_norm_sq").is_not_null()).with_columns(**quantities)
+    sources = frame.select(pl.col("source").unique().sort())
+    long = pl.concat([
+        rows.group_by("source").agg(
+            quantity=pl.lit(name), n_steps=pl.len(),
+            pearson=pl.corr("step_entropy", name), spearman=pl.corr("step_entropy", name, method="spearman"))
+        for name in quantities])
+    out = sources.join(pl.DataFrame({"quantity": list(quantities)}), how="cross").join(long, on=["source", "quantity"],
+                                                                                        how="left")
+    return (out.with_columns(pl.col("n_steps").fill_null(0).cast(pl.Int64),
+                             pl.col("pearson", "spearman").fill_nan(None))
+            .with_columns(pl.when(pl.col("n_steps") >= 2).then(pl.col("pearson", "spearman")).name.keep())
+            .sort("source", pl.col("quantity").replace_strict(list(quantities), range(len(quantities)))))
+
+
+def invariants(frame: pl.DataFrame) -> pl.DataFrame:
+    """The SPEC 3 invariants: mean_B g = 1 and mean_B A_empg = 0 per batch, mean_G w = 1 per non-flat group G.
+
+    One row each: scope, n_checked, max_abs_deviation (null when nothing was checked), tolerance, passed.
+    """
+    h = pl.col("step_entropy")
+    per_batch = frame.group_by("batch").agg(g=(pl.col("empg_g").mean() - 1).abs(), a=pl.col("adv_empg").mean().abs())
+    per_group = (frame.group_by(GROUP).agg(w=(pl.col("aem_w").mean() - 1).abs(), spread=h.max() - h.min())
+                 .filter(pl.col("spread") > EPS_RANGE))
+    checks = [("mean_B empg_g = 1", "batch", per_batch["g"]), ("mean_B adv_empg = 0", "batch", per_batch["a"]),
+              ("mean_G aem_w = 1 (non-flat groups)", "group", per_group["w"])]
+    return pl.DataFrame(
+        [{"name": name, "scope": scope, "n_checked": len(dev), "max_abs_deviation": dev.max(),
+          "tolerance": INVARIANT_TOL, "passed": bool(len(dev) == 0 or dev.max() <= INVARIANT_TOL)}
+         for name, scope, dev in checks],
+        schema={"name": pl.String, "scope": pl.String, "n_checked": pl.Int64, "max_abs_deviation": pl.Float64,
+                "tolerance": pl.Float64, "passed": pl.Boolean})
