@@ -149,7 +149,7 @@ def _token_progress():
             return Text(f"{speed:,.0f} tok/s")
 
     bar = Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(), TimeRemainingColumn(),
-              console=err)
+              console=err, transient=True, disable=not err.is_terminal)
     task = bar.add_task("rescoring", total=0)
 
     def start(total: int) -> None:
@@ -198,7 +198,7 @@ def dynamics(
         from .dynamics import load_scored
         from .plots import plot_dynamics
         for path in plot_dynamics(load_scored(inputs), out_dir, fmt):
-            out.print(f"wrote {path}", highlight=False)
+            typer.echo(f"wrote {path}")
 
 
 @app.command(epilog="Example: empg audit runs.scored.parquet --format markdown --top 10")
@@ -232,11 +232,11 @@ def validate(
         scored = "step_entropy" in read_table(input).column_names
         rollouts = read_rollouts(input, AdvantageConfig(), scored=scored)
         steps = rollouts.steps
-        out.print(f"ok: {input} is a valid {'scored' if scored else 'rollouts'} file: {steps.height:,} rows, "
-                  f"{steps.select('run', 'iteration', 'group_id', 'traj_id').n_unique():,} trajectories, "
-                  f"{steps.select('run', 'iteration', 'group_id').n_unique():,} groups, "
-                  f"{steps['iteration'].n_unique()} iteration(s); input '{rollouts.input_column}', "
-                  f"output '{rollouts.output_column}'", highlight=False)
+        typer.echo(f"ok: {input} is a valid {'scored' if scored else 'rollouts'} file: {steps.height:,} rows, "
+                   f"{steps.select('run', 'iteration', 'group_id', 'traj_id').n_unique():,} trajectories, "
+                   f"{steps.select('run', 'iteration', 'group_id').n_unique():,} groups, "
+                   f"{steps['iteration'].n_unique()} iteration(s); input '{rollouts.input_column}', "
+                   f"output '{rollouts.output_column}'")
 
 
 @app.command(epilog="Example: empg schema scored")

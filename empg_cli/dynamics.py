@@ -92,7 +92,7 @@ def _read_one(path: Path, label: str, prefix: bool) -> tuple[pl.DataFrame, list[
         label_expr = pl.format(f"{label}: {{}}", label_expr)
     frame = frame.with_columns(batch=label_expr)
     order = frame.select(*batch_key, "batch").unique().sort(batch_key)["batch"].to_list()
-    return frame.drop(c for c in batch_key if c not in ("run", "iteration")), order
+    return frame, order
 
 
 def load_scored(paths: Sequence[Path]) -> pl.DataFrame:

@@ -102,7 +102,7 @@ def _check_steps(frame: pl.DataFrame, path: Path) -> None:
         raise BadInput(path, f"step is {frame['step'][row]}; steps are 0-based", column="step", row=row)
     dup = _first(frame.select(pl.struct(*TRAJ_KEYS, "step").is_duplicated()).to_series())
     if dup is not None:
-        first = frame.filter(pl.struct(*TRAJ_KEYS, "step") == pl.struct(*[pl.lit(frame[k][dup]) for k in (*TRAJ_KEYS, "step")]))
+        first = frame.filter(pl.all_horizontal(pl.col(k) == frame[k][dup] for k in (*TRAJ_KEYS, "step")))
         raise BadInput(path, f"step {frame['step'][dup]} appears twice in this trajectory (rows "
                              f"{', '.join(map(str, first[ROW].to_list()[:5]))})", column="step",
                        trajectory=_describe_traj(frame.row(dup, named=True)), row=int(first[ROW][0]))

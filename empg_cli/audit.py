@@ -1,0 +1,139 @@
+"""The credit-assignment report of `empg audit` (SPEC 6): built from `dynamics` tables, rendered three ways.
+
+The JSON form is the report dict itself (schema "empg.audit.v1", documented in docs/audit.md); the table and
+markdown forms show the same sections.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+import polars as pl
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from . import dynamics
+from .errors import BadUsage
+
+SCHEMA = "empg.audit.v1"
+FORMATS = ("table", "markdown", "json")
+SNIPPET_CHARS = 60
+"""A snippet is the step's text with whitespace collapsed, cut to this many characters plus an ellipsis."""
+
+
+def snippet(text: str | None) -> str | None:
+    """The first SNIPPET_CHARS characters of `text` on one line, "…" marking a cut."""
+    if text is None:
+        return None
+    flat = re.sub(r"\s+", " ", text).strip()
+    return flat if len(flat) <= SNIPPET_CHARS else flat[:SNIPPET_CHARS].rstrip() + "…"
+
+
+def _records(table: pl.DataFrame) -> list[dict[str, Any]]:
+    """Rows as JSON-ready dicts: Enums as strings, NaN as None."""
+    rows = table.with_columns(pl.col(pl.Enum).cast(pl.String)).to_dicts()
+    return [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()} for row in rows]
+
+
+def _top(frame: pl.DataFrame, n: int, outcome: str) -> list[dict[str, Any]]:
+    rows = _records(dynamics.top_steps(frame, n, outcome))
+    return [{**{k: v for k, v in row.items() if k != "text"}, "snippet": snippet(row["text"])} for row in rows]
+
+
+def build_audit(frame: pl.DataFrame, top: int = 5) -> dict[str, Any]:
+    """The audit of a `dynamics.load_scored` frame as a JSON-ready dict with stable keys (docs/audit.md)."""
+    if top < 0:
+        raise BadUsage(f"--top must be >= 0; got {top}")
+    return {
+        "schema": SCHEMA,
+        "n_steps": frame.height,
+        "n_trajectories": frame.select(pl.struct(dynamics.TRAJ).n_unique()).item(),
+        "sources": frame["source"].dtype.categories.to_list(),
+        "model_statistics": dynamics.has_model_statistics(frame),
+        "quadrants": _records(dynamics.quadrants(frame)),
+        "confident_mistakes": _top(frame, top, "failure"),
+        "uncertain_successes": _top(frame, top, "success"),
+        "invariants": _records(dynamics.invariants(frame)),
+        "correlations": _records(dynamics.correlations(frame)),
+    }
+
+
+def _num(x: float | int | None) -> str:
+    if x is None:
+        return "n/a"
+    return str(x) if isinstance(x, int) else f"{x:.4g}"
+
+
+def _top_rows(entries: list[dict[str, Any]]) -> list[list[str]]:
+    return [[str(i), e["source"], str(e["iteration"]), e["group_id"], e["traj_id"], str(e["step"]),
+             _num(e["step_entropy"]), _num(e["adv_base"]), _num(e["adv_empg"]), _num(e["adv_aem"]),
+             e["snippet"] or ""] for i, e in enumerate(entries, 1)]
+
+
+TEXT_HEADERS = {"batch", "certainty", "outcome", "run", "group", "traj", "text", "check", "scope", "quantity", "result"}
+TOP_HEADERS = ["#", "run", "iter", "group", "traj", "step", "H_t (nats)", "A_base", "A_empg", "A_aem", "text"]
+
+
+def _sections(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, headers, rows of cells) for each part of the report; one source for table and markdown."""
+    quadrants = [[q["batch"], q["certainty"], q["outcome"], str(q["n_steps"]),
+                  *(_num(q[f"mean_abs_adv_{e}"]) for e in ("base", "empg", "aem")),
+                  _num(q["amplification_empg"]), _num(q["amplification_aem"])] for q in report["quadrants"]]
+    invariants = [[i["name"], i["scope"], str(i["n_checked"]), _num(i["max_abs_deviation"]), _num(i["tolerance"]),
+                   "pass" if i["passed"] else "FAIL"] for i in report["invariants"]]
+    correlations = [[c["source"], c["quantity"], str(c["n_steps"]), _num(c["pearson"]), _num(c["spearman"])]
+                    for c in report["correlations"]]
+    return [
+        ("Steps by certainty (batch H_norm tercile) × outcome",
+         ["batch", "certainty", "outcome", "steps", "mean |A_base|", "mean |A_empg|", "mean |A_aem|",
+          "EMPG/base", "AEM/base"], quadrants),
+        ("Confident mistakes: lowest-entropy steps of failed trajectories", TOP_HEADERS,
+         _top_rows(report["confident_mistakes"])),
+        ("Uncertain successes: highest-entropy steps of successful trajectories", TOP_HEADERS,
+         _top_rows(report["uncertain_successes"])),
+        ("Invariants (SPEC 3)", ["check", "scope", "checked", "max |deviation|", "tolerance", "result"], invariants),
+        ("Correlation of step entropy with gradient norm and update magnitude |A|·‖∇‖ (before/after modulation)",
+         ["run", "quantity", "steps", "Pearson", "Spearman"], correlations),
+    ]
+
+
+def _summary(report: dict[str, Any]) -> str:
+    note = "" if report["model_statistics"] else (
+        " Gradient norms are unavailable (entropies logged, not rescored), so correlations are n/a.")
+    return (f"{report['n_steps']} steps in {report['n_trajectories']} trajectories; success means traj_reward > 0; "
+            f"confident / uncertain = lowest / highest third of H_norm within the batch.{note}")
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    parts = ["# empg audit", "", _summary(report)]
+    for title, headers, rows in _sections(report):
+        parts += ["", f"## {title}", "", line(headers), line(["---"] * len(headers)), *map(line, rows)]
+    return "\n".join(parts) + "\n"
+
+
+def _rich(report: dict[str, Any]) -> Group:
+    tables = []
+    for title, headers, rows in _sections(report):
+        table = Table(title=title, title_justify="left", title_style="bold")
+        for h in headers:
+            table.add_column(h, overflow="fold", justify="left" if h in TEXT_HEADERS else "right")
+        for row in rows:
+            table.add_row(*row, style="red" if row[-1] == "FAIL" else None)
+        tables.append(table)
+    return Group(Text(_summary(report)), *tables)
+
+
+def render_audit(report: dict[str, Any], fmt: str) -> Group | str:
+    """`table`: a rich renderable; `markdown`: GitHub-flavoured markdown; `json`: the report, indented, sorted keys."""
+    if fmt not in FORMATS:
+        raise BadUsage(f"--format must be one of {', '.join(FORMATS)}; got '{fmt}'")
+    if fmt == "json":
+        return json.dumps(report, indent=2, sort_keys=True, allow_nan=False, ensure_ascii=False) + "\n"
+    return _markdown(report) if fmt == "markdown" else _rich(report)

@@ -1,0 +1,167 @@
+"""Rescoring: equal to generate()'s logits, architecture-independent head path, fast paths equal the simple path."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import build_model, random_rollouts, write_rollouts
+from empg_cli.config import AdvantageConfig, ScoreConfig
+from empg_cli.pipeline import score_file
+from empg_cli.scoring import attention_implementation, load_policy, resolve_device, resolve_dtype, \
+    token_budget_batches
+from empg_cli.errors import BadUsage
+
+
+def _entropy_float64(logits: torch.Tensor, temperature: float) -> list[float]:
+    """Shannon entropy of softmax(logits / T), one per row, by an explicit float64 loop."""
+    out = []
+    for row in logits.double() / temperature:
+        m = max(row.tolist())
+        weights = [math.exp(v - m) for v in row.tolist()]
+        total = sum(weights)
+        out.append(-sum(w / total * math.log(w / total) for w in weights if w > 0))
+    return out
+
+
+def _generate_multi_turn(model, rng, temperature: float, turns: int = 3):
+    """Sample a multi-turn dialogue with generate(); returns rows with ids and generate's per-token entropies."""
+    prompt = torch.tensor(rng.integers(5, 300, size=(1, 6)))
+    rows = []
+    for step in range(turns):
+        torch.manual_seed(100 + step)
+        out = model.generate(prompt, do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=7,
+                             min_new_tokens=7, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+        response = out.sequences[0, prompt.shape[1]:]
+        logits = torch.cat(out.logits)  # (n_new, V), the raw logits before temperature
+        rows.append({"prompt_ids": prompt[0].tolist(), "response_ids": response.tolist(),
+                     "entropy": _entropy_float64(logits, temperature)})
+        observation = torch.tensor(rng.integers(5, 300, size=(1, 4)))
+        prompt = torch.cat([prompt, response[None], observation], dim=1)
+    return rows
+
+
+@pytest.mark.parametrize("prefix_sharing", [True, False])
+def test_rescored_entropies_equal_generate_logits_multi_turn(tmp_path, prefix_sharing):
+    model = build_model(tmp_path / "m", "qwen2")
+    rng = np.random.default_rng(1)
+    temperature = 0.7
+    turns = _generate_multi_turn(model, rng, temperature)
+    rows = {"group_id": ["g"] * len(turns), "traj_id": ["t"] * len(turns), "step": list(range(len(turns))),
+            "prompt_ids": [t["prompt_ids"] for t in turns], "response_ids": [t["response_ids"] for t in turns],
+            "reward": [1.0] * len(turns)}
+    src = write_rollouts(tmp_path / "dialogue.parquet", rows)
+    out = tmp_path / "scored.parquet"
+    score_file(src, out, ScoreConfig(model=str(tmp_path / "m"), temperature=temperature, token_level=True,
+                                     prefix_sharing=prefix_sharing), AdvantageConfig())
+    scored = pq.read_table(out)
+    got = scored.column("token_entropy").to_pylist()
+    worst = max(abs(a - b) for g, t in zip(got, turns) for a, b in zip(g, t["entropy"]))
+    assert all(len(g) == len(t["entropy"]) for g, t in zip(got, turns))
+    assert worst < 1e-5, worst
+    step_means = scored.column("step_entropy").to_pylist()
+    assert step_means == pytest.approx([np.mean(t["entropy"]) for t in turns], abs=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "gpt2"])
+def test_head_path_reproduces_model_logits(tmp_path, arch):
+    build_model(tmp_path, arch)
+    policy = load_policy(str(tmp_path), device=torch.device("cpu"), dtype=torch.float32)
+    ids = torch.randint(5, 300, (2, 12))
+    with torch.inference_mode():
+        reference = policy.model(input_ids=ids).logits
+        ours = policy.head(policy.model.get_decoder()(input_ids=ids).last_hidden_state)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+def _score(tmp_path, model_dir, rows, name, **cfg) -> pl.DataFrame:
+    src = write_rollouts(tmp_path / f"{name}.parquet", rows)
+    out = tmp_path / f"{name}.scored.parquet"
+    score_file(src, out, ScoreConfig(model=str(model_dir), **cfg), AdvantageConfig())
+    return pl.read_parquet(out)
+
+
+def test_prefix_chained_and_batched_paths_equal_the_per_step_path(tmp_path, tiny_model_dir):
+    rows = random_rollouts(np.random.default_rng(3), iterations=1, groups=4, max_steps=5)
+    simple = _score(tmp_path, tiny_model_dir, rows, "simple", prefix_sharing=False, batch_tokens=1)
+    fast = _score(tmp_path, tiny_model_dir, rows, "fast", prefix_sharing=True, batch_tokens=100_000)
+    for col in ("step_entropy", "step_renyi2", "step_logprob", "step_grad_norm_sq", "step_grad_norm_sq_expected"):
+        np.testing.assert_allclose(fast[col].to_numpy(), simple[col].to_numpy(), atol=1e-5, rtol=0)
+
+
+def test_unchained_trajectories_fall_back_to_per_step(tmp_path, tiny_model_dir):
+    rows = random_rollouts(np.random.default_rng(4), iterations=1, chained=False, max_steps=4)
+    a = _score(tmp_path, tiny_model_dir, rows, "a", prefix_sharing=True)
+    b = _score(tmp_path, tiny_model_dir, rows, "b", prefix_sharing=False)
+    np.testing.assert_allclose(a["step_entropy"].to_numpy(), b["step_entropy"].to_numpy(), atol=1e-6)
+
+
+def test_text_and_messages_inputs_score_like_their_token_ids(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    messages = [[{"role": "user", "content": "You arrive at the kitchen."}],
+                [{"role": "system", "content": "Put a mug in the coffee machine."},
+                 {"role": "user", "content": "Observation: nothing happens."}]]
+    responses = ["Thought: open the drawer. Action: open drawer 1", "Action: go to cabinet 2"]
+    rendered = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages]
+    base = {"group_id": ["g", "h"], "traj_id": ["t", "t"], "step": [0, 0], "reward": [1.0, 0.0]}
+    by_ids = _score(tmp_path, tiny_model_dir, base | {
+        "prompt_ids": [tok(r, add_special_tokens=False)["input_ids"] for r in rendered],
+        "response_ids": [tok(r, add_special_tokens=False)["input_ids"] for r in responses]}, "ids")
+    by_text = _score(tmp_path, tiny_model_dir, base | {"prompt": rendered, "response": responses}, "text")
+    by_messages = _score(tmp_path, tiny_model_dir, base | {"messages": messages, "response": responses}, "msgs")
+    for other in (by_text, by_messages):
+        np.testing.assert_allclose(other["step_entropy"].to_numpy(), by_ids["step_entropy"].to_numpy(), atol=1e-6)
+        assert other["n_response_tokens"].to_list() == by_ids["n_response_tokens"].to_list()
+
+
+def test_bfloat16_path_runs_and_stays_close_to_float32(tmp_path, tiny_model_dir):
+    rows = random_rollouts(np.random.default_rng(5), iterations=1, groups=2)
+    f32 = _score(tmp_path, tiny_model_dir, rows, "f32", dtype="float32")
+    bf16 = _score(tmp_path, tiny_model_dir, rows, "bf16", dtype="bfloat16")
+    assert bf16["step_entropy"].dtype == pl.Float64
+    np.testing.assert_allclose(bf16["step_entropy"].to_numpy(), f32["step_entropy"].to_numpy(), atol=0.1)
+    assert not np.allclose(bf16["step_entropy"].to_numpy(), f32["step_entropy"].to_numpy(), atol=1e-7)
+
+
+def test_truncate_prompt_left_keeps_the_response_and_records_it(tmp_path):
+    build_model(tmp_path / "short", max_positions=24)
+    rows = {"group_id": ["g", "g"], "traj_id": ["a", "b"], "step": [0, 0], "reward": [1.0, 0.0],
+            "prompt_ids": [list(range(5, 35)), list(range(5, 12))], "response_ids": [[7, 8, 9], [10, 11]]}
+    out = _score(tmp_path, tmp_path / "short", rows, "trunc", truncate_prompt="left")
+    assert out["n_response_tokens"].to_list() == [3, 2]
+    import json
+    meta = json.loads(pq.read_schema(tmp_path / "trunc.scored.parquet").metadata[b"empg"])
+    assert meta["model"]["truncated_prompts"] == 1
+    # the kept prompt is the newest 21 tokens: same statistics as scoring that prompt directly
+    direct = _score(tmp_path, tmp_path / "short", rows | {"prompt_ids": [list(range(14, 35)), list(range(5, 12))]},
+                    "direct")
+    np.testing.assert_allclose(out["step_entropy"].to_numpy(), direct["step_entropy"].to_numpy(), atol=1e-6)
+
+
+def test_token_budget_batches_cover_every_unit_once_within_budget():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 50, size=200)
+    batches = token_budget_batches(lengths, 128)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(200))
+    for b in batches:
+        assert len(b) == 1 or lengths[b].max() * len(b) <= 128
+
+
+def test_device_and_dtype_resolution():
+    assert resolve_device("auto", cuda=True, mps=True).type == "cuda"
+    assert resolve_device("auto", cuda=False, mps=True).type == "mps"
+    assert resolve_device("auto", cuda=False, mps=False).type == "cpu"
+    with pytest.raises(BadUsage, match="--device cuda is not available"):
+        resolve_device("cuda", cuda=False, mps=False)
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("float16", torch.device("cpu")) == torch.float16
+    assert attention_implementation(torch.device("cpu"), torch.float32) == "sdpa"
+    assert attention_implementation(torch.device("cuda"), torch.float32) == "sdpa"
