@@ -42,21 +42,26 @@ def base_advantage(estimator: str) -> pl.Expr:
     return expr.cast(pl.Float64).alias("adv_base")
 
 
-def empg_columns(cfg: AdvantageConfig) -> list[pl.Expr]:
-    """EMPG per step, normalised over the batch B (SPEC 3.2); needs step_entropy and adv_base."""
+def empg_stages(cfg: AdvantageConfig) -> list[list[pl.Expr]]:
+    """EMPG per step, normalised over the batch B (SPEC 3.2), in stages applied one after another.
+
+    Each stage only reads columns of earlier stages: a window nested in another window is evaluated
+    inside the outer partition (the batch min/max inside a trajectory, a trajectory shift inside a batch).
+    """
     batch = list(cfg.batch_key)
     h = pl.col("step_entropy")
     h_min, h_max = h.min().over(batch), h.max().over(batch)
     h_norm = (h - h_min) / (h_max - h_min + EPS_RANGE)
-    scale = (-cfg.k * h_norm).exp()
+    scale = (-cfg.k * pl.col("empg_h_norm")).exp()
     g = scale / scale.mean().over(batch)                      # self-calibrating: mean_B g = 1
-    h_norm_next = h_norm.shift(-1).over(TRAJ_KEYS, order_by="step")
+    h_norm_next = pl.col("empg_h_norm").shift(-1).over(TRAJ_KEYS, order_by="step")
     f_next = (-cfg.k_future * h_norm_next).exp().fill_null(0.0)  # 0 at the trajectory's last step
-    a_mod = pl.col("adv_base") * g + cfg.zeta * f_next
+    a_mod = pl.col("adv_base") * pl.col("empg_g") + cfg.zeta * pl.col("empg_f_next")
     a_empg = a_mod - a_mod.mean().over(batch)
     if cfg.empg_norm == "meanstd":
         a_empg = a_empg / (a_mod.std(ddof=1).over(batch).fill_null(0.0) + EPS_STD)
-    return [h_norm.alias("empg_h_norm"), g.alias("empg_g"), f_next.alias("empg_f_next"), a_empg.alias("adv_empg")]
+    return [[h_norm.alias("empg_h_norm")], [g.alias("empg_g"), f_next.alias("empg_f_next")],
+            [a_empg.alias("adv_empg")]]
 
 
 def aem_columns(cfg: AdvantageConfig) -> list[pl.Expr]:
@@ -86,5 +91,7 @@ def compute_advantages(steps: pl.DataFrame, cfg: AdvantageConfig) -> pl.DataFram
                 .with_columns(base_advantage(cfg.estimator))
                 .select(*TRAJ_KEYS, "adv_base"))
     frame = frame.join(per_traj, on=TRAJ_KEYS, how="left", maintain_order="left")
-    frame = frame.with_columns(empg_columns(cfg)).with_columns(aem_columns(cfg))
+    for stage in empg_stages(cfg):
+        frame = frame.with_columns(stage)
+    frame = frame.with_columns(aem_columns(cfg))
     return frame.select(ADVANTAGE_COLUMNS)

@@ -55,11 +55,13 @@ class Summary:
 
 def _logged_statistics(rollouts: Rollouts) -> tuple[dict[str, np.ndarray], None]:
     """Step entropy as the mean of the logged `token_entropy`; the model-only columns stay null."""
-    tokens = TokenRows.from_arrow(rollouts.table.column("token_entropy").cast(pa.list_(pa.float64())))
-    missing = np.full(len(tokens), np.nan)
+    logged = rollouts.table.column("token_entropy")
+    values = pc.list_flatten(logged).to_numpy(zero_copy_only=False).astype(np.float64)
+    lengths = pc.list_value_length(logged).to_numpy(zero_copy_only=False).astype(np.int64)
+    missing = np.full(len(lengths), np.nan)
     arrays = {c: missing for c in STEP_COLUMNS[2:]}
-    arrays["n_response_tokens"] = tokens.lengths.astype(np.int32)
-    arrays["step_entropy"] = np.add.reduceat(tokens.values, tokens.offsets[:-1]) / tokens.lengths
+    arrays["n_response_tokens"] = lengths.astype(np.int32)
+    arrays["step_entropy"] = np.add.reduceat(values, np.concatenate([[0], np.cumsum(lengths)[:-1]])) / lengths
     return arrays, None
 
 

@@ -2,7 +2,7 @@
 
 From one pass of reductions over the vocabulary (SPEC 3, EMPG Proposition 1):
   lse   = logsumexp(z)                    log-partition
-  H     = lse - sum_v p_v z_v             Shannon entropy (nats)
+  H     = -sum_v p_v (z_v - lse)          Shannon entropy (nats); shifting by lse first keeps float32 precise
   C     = sum_v p_v^2 = exp(logsumexp(2z) - 2 lse)
   log p_a = z_a - lse                     log-prob of the sampled token a
 and from those H2 = -log C, ||grad_z log pi(a)||^2 = 1 - 2 p_a + C, E_a[...] = 1 - C.
@@ -45,8 +45,9 @@ def token_stats_from_logits(logits: torch.Tensor, targets: torch.Tensor, tempera
     """Statistics of softmax(logits / T) at each row; logits (N, V) any float dtype, targets (N,) token ids."""
     z = logits.float() / temperature                               # (N, V)
     lse = torch.logsumexp(z, dim=-1)                               # (N,)
-    p = torch.exp(z - lse.unsqueeze(-1))                           # (N, V)
-    entropy = lse - (p * z).sum(dim=-1)                            # (N,) nats
+    logp = z - lse.unsqueeze(-1)                                   # (N, V)
+    p = torch.exp(logp)
+    entropy = -torch.where(p > 0, p * logp, 0.0).sum(dim=-1)       # (N,) nats; 0 log 0 = 0 for -inf logits
     sum_p2 = torch.exp(torch.logsumexp(2.0 * z, dim=-1) - 2.0 * lse)
     logprob = z.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1) - lse
     return TokenStats(entropy.clamp_min(0.0), sum_p2, logprob)
