@@ -122,45 +122,71 @@ def load_policy(ref: str, *, device: torch.device, dtype: torch.dtype, allow_pic
                   model.get_input_embeddings().num_embeddings)
 
 
-def token_budget_batches(lengths: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
-    """Unit indices grouped longest first so that (longest length x count) <= batch_tokens (one unit at least)."""
+def token_budget_batches(lengths: np.ndarray, batch_tokens: int, packed: bool = False) -> list[np.ndarray]:
+    """Unit indices grouped longest first within a token budget (one unit at least per batch).
+
+    Padded batches cost (longest length x count); packed batches cost the sum of lengths.
+    """
     order = np.argsort(-lengths, kind="stable")
-    batches, current, width = [], [], 0
+    batches, current, cost = [], [], 0
     for i in order:
-        width = width or int(lengths[i])
-        if current and width * (len(current) + 1) > batch_tokens:
+        n = int(lengths[i])
+        grown = cost + n if packed else (int(lengths[current[0]]) if current else n) * (len(current) + 1)
+        if current and grown > batch_tokens:
             batches.append(np.array(current))
-            current, width = [], int(lengths[i])
+            current, grown = [], n
         current.append(i)
+        cost = grown
     if current:
         batches.append(np.array(current))
     return batches
 
 
-def _pack(units: Sequence[Unit]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ids and mask (B, L), and for every response token its (batch, position-1) and target id."""
-    width = max(len(u.tokens) for u in units)
-    ids = np.zeros((len(units), width), dtype=np.int64)
-    mask = np.zeros((len(units), width), dtype=np.int64)
-    for b, u in enumerate(units):
-        ids[b, :len(u.tokens)] = u.tokens
-        mask[b, :len(u.tokens)] = 1
-    counts = np.array([int(u.lengths.sum()) for u in units])
-    batch_idx = np.repeat(np.arange(len(units)), counts)
+@dataclass
+class Batch:
+    """Model inputs for some units, and for every response token its (row, position - 1) and target id."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor | None
+    rows: torch.Tensor
+    positions: torch.Tensor
+    targets: torch.Tensor
+
+
+def make_batch(units: Sequence[Unit], packed: bool) -> Batch:
+    """Right-padded rows (B, L) with a mask, or all units packed in one row (1, sum L) with restarting positions.
+
+    transformers reads restarting position_ids (with no attention mask) as packed sequences: a block-diagonal
+    causal mask, or FlashAttention's varlen kernel, so no token attends across units.
+    """
+    lengths = np.array([len(u.tokens) for u in units])
     # response token at position s + j is predicted by the hidden state at s + j - 1
-    pos_idx = np.concatenate([np.concatenate([np.arange(s, s + n) for s, n in zip(u.starts, u.lengths)])
-                              for u in units]) - 1
-    targets = ids[batch_idx, pos_idx + 1]
-    return (torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(batch_idx), torch.from_numpy(pos_idx),
-            torch.from_numpy(targets))
+    local = [np.concatenate([np.arange(s, s + n) for s, n in zip(u.starts, u.lengths)]) - 1 for u in units]
+    counts = np.array([len(x) for x in local])
+    if packed:
+        ids = np.concatenate([u.tokens for u in units])[None]
+        position_ids = torch.from_numpy(np.concatenate([np.arange(n) for n in lengths])[None])
+        rows = np.zeros(counts.sum(), dtype=np.int64)
+        positions = np.concatenate([x + o for x, o in zip(local, np.cumsum(lengths) - lengths)])
+        mask = None
+    else:
+        ids = np.zeros((len(units), lengths.max()), dtype=np.int64)
+        valid = np.arange(lengths.max()) < lengths[:, None]
+        ids[valid] = np.concatenate([u.tokens for u in units])
+        mask, position_ids = torch.from_numpy(valid.astype(np.int64)), None
+        rows, positions = np.repeat(np.arange(len(units)), counts), np.concatenate(local)
+    return Batch(torch.from_numpy(ids), mask, position_ids, torch.from_numpy(rows), torch.from_numpy(positions),
+                 torch.from_numpy(ids[rows, positions + 1]))
 
 
-def _check_head(policy: Policy, ids: torch.Tensor, hidden: torch.Tensor) -> None:
+def _check_head(policy: Policy, tokens: np.ndarray, hidden: torch.Tensor) -> None:
     """Once per model: the head path must reproduce the model's own logits, else the architecture is unsupported."""
-    n = min(ids.shape[1], 8)
+    n = min(len(tokens), 8)
     with torch.inference_mode():
-        reference = policy.model(input_ids=ids[:1, :n]).logits[0].float()
-    ours = policy.head(hidden[0, :n]).float()
+        ids = torch.from_numpy(np.asarray(tokens[:n], dtype=np.int64))[None].to(policy.device)
+        reference = policy.model(input_ids=ids, use_cache=False).logits[0].float()
+    ours = policy.head(hidden[:n]).float()
     err = (ours - reference).abs().max().item()
     if err > HEAD_CHECK_TOLERANCE[policy.dtype] * max(1.0, reference.abs().max().item()):
         raise ModelLoadError(f"model {policy.ref}: its logits are not lm_head(final hidden state) (max diff {err:.3g}); "
@@ -168,28 +194,33 @@ def _check_head(policy: Policy, ids: torch.Tensor, hidden: torch.Tensor) -> None
 
 
 def score_units(policy: Policy, units: Sequence[Unit], *, temperature: float, batch_tokens: int,
-                on_tokens: Callable[[int], None] | None = None) -> TokenStats:
-    """Per-token statistics of all units' responses, concatenated in unit order (responses in unit order)."""
+                on_tokens: Callable[[int], None] | None = None, packed: bool | None = None) -> TokenStats:
+    """Per-token statistics of all units' responses, concatenated in unit order (responses in unit order).
+
+    `packed` (default: when the model runs FlashAttention-2) puts each batch's units in one row without padding.
+    """
+    if packed is None:
+        packed = getattr(policy.model.config, "_attn_implementation", None) == "flash_attention_2"
     decoder = policy.model.get_decoder()
     lengths = np.array([len(u.tokens) for u in units], dtype=np.int64)
-    counts = np.array([int(u.lengths.sum()) for u in units], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(counts)])
+    offsets = np.concatenate([[0], np.cumsum([int(u.lengths.sum()) for u in units])])
     out = TokenStats(*(torch.empty(int(offsets[-1]), dtype=torch.float32) for _ in range(3)))
     checked = False
-    for batch in token_budget_batches(lengths, batch_tokens):
-        ids, mask, batch_idx, pos_idx, targets = _pack([units[i] for i in batch])
-        ids, mask = ids.to(policy.device), mask.to(policy.device)
+    for members in token_budget_batches(lengths, batch_tokens, packed):
+        batch = make_batch([units[i] for i in members], packed)
+        to = lambda t: None if t is None else t.to(policy.device)  # noqa: E731
         with torch.inference_mode():
-            hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, d)
+            hidden = decoder(input_ids=to(batch.input_ids), attention_mask=to(batch.attention_mask),
+                             position_ids=to(batch.position_ids), use_cache=False).last_hidden_state  # (B, L, d)
             if not checked:
-                _check_head(policy, ids, hidden)
+                _check_head(policy, units[members[0]].tokens, hidden[0, :len(units[members[0]].tokens)])
                 checked = True
-            selected = hidden[batch_idx.to(policy.device), pos_idx.to(policy.device)]  # (N, d)
-            stats = token_stats_from_hidden(selected, policy.head, targets.to(policy.device), temperature)
+            selected = hidden[to(batch.rows), to(batch.positions)]  # (N, d)
+            stats = token_stats_from_hidden(selected, policy.head, to(batch.targets), temperature)
         # scatter the batch's tokens (in batch order) to their units' places in the output
-        where = torch.from_numpy(np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in batch]))
+        where = torch.from_numpy(np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in members]))
         for dst, src in zip(out, stats):
             dst[where] = src.float().cpu()
         if on_tokens:
-            on_tokens(int(mask.sum()))
+            on_tokens(int(lengths[members].sum()))
     return out

@@ -145,15 +145,6 @@ def test_truncate_prompt_left_keeps_the_response_and_records_it(tmp_path):
     np.testing.assert_allclose(out["step_entropy"].to_numpy(), direct["step_entropy"].to_numpy(), atol=1e-6)
 
 
-def test_token_budget_batches_cover_every_unit_once_within_budget():
-    rng = np.random.default_rng(0)
-    lengths = rng.integers(1, 50, size=200)
-    batches = token_budget_batches(lengths, 128)
-    assert sorted(np.concatenate(batches).tolist()) == list(range(200))
-    for b in batches:
-        assert len(b) == 1 or lengths[b].max() * len(b) <= 128
-
-
 def test_device_and_dtype_resolution():
     assert resolve_device("auto", cuda=True, mps=True).type == "cuda"
     assert resolve_device("auto", cuda=False, mps=True).type == "mps"
@@ -165,3 +156,32 @@ def test_device_and_dtype_resolution():
     assert resolve_dtype("float16", torch.device("cpu")) == torch.float16
     assert attention_implementation(torch.device("cpu"), torch.float32) == "sdpa"
     assert attention_implementation(torch.device("cuda"), torch.float32) == "sdpa"
+
+
+def test_packed_batches_equal_padded_batches(tmp_path, tiny_model_dir):
+    """The FlashAttention varlen layout (one packed row, restarting positions) gives the padded results."""
+    from empg_cli.scoring import score_units
+    from empg_cli.sequences import Unit
+    policy = load_policy(str(tiny_model_dir), device=torch.device("cpu"), dtype=torch.float32)
+    rng = np.random.default_rng(9)
+    units = []
+    for _ in range(7):
+        tokens = rng.integers(5, 300, size=int(rng.integers(4, 40)))
+        starts = np.array(sorted(rng.choice(np.arange(1, len(tokens) - 1), size=2, replace=False)))
+        lengths = np.array([1, len(tokens) - starts[1]])
+        units.append(Unit(tokens, np.arange(2), starts, lengths))
+    padded = score_units(policy, units, temperature=0.9, batch_tokens=64, packed=False)
+    packed = score_units(policy, units, temperature=0.9, batch_tokens=64, packed=True)
+    for a, b in zip(padded, packed):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_token_budget_batches_cover_every_unit_once_within_budget(packed):
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 50, size=200)
+    batches = token_budget_batches(lengths, 128, packed)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(200))
+    for b in batches:
+        cost = lengths[b].sum() if packed else lengths[b].max() * len(b)
+        assert len(b) == 1 or cost <= 128
