@@ -12,7 +12,9 @@ import re
 from typing import Any
 
 import polars as pl
+from rich import box
 from rich.console import Group
+from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
@@ -69,13 +71,13 @@ def _num(x: float | int | None) -> str:
 
 
 def _top_rows(entries: list[dict[str, Any]]) -> list[list[str]]:
-    return [[str(i), e["source"], str(e["iteration"]), e["group_id"], e["traj_id"], str(e["step"]),
+    return [[str(i), f"{e['source']} · it {e['iteration']} · {e['group_id']}/{e['traj_id']} · step {e['step']}",
              _num(e["step_entropy"]), _num(e["adv_base"]), _num(e["adv_empg"]), _num(e["adv_aem"]),
              e["snippet"] or ""] for i, e in enumerate(entries, 1)]
 
 
-TEXT_HEADERS = {"batch", "certainty", "outcome", "run", "group", "traj", "text", "check", "scope", "quantity", "result"}
-TOP_HEADERS = ["#", "run", "iter", "group", "traj", "step", "H_t (nats)", "A_base", "A_empg", "A_aem", "text"]
+TEXT_HEADERS = {"batch", "certainty", "outcome", "run", "step", "text", "check", "scope", "quantity", "result"}
+TOP_HEADERS = ["#", "step", "H (nats)", "A_base", "A_empg", "A_aem", "text"]
 
 
 def _sections(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
@@ -88,9 +90,9 @@ def _sections(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[st
     correlations = [[c["source"], c["quantity"], str(c["n_steps"]), _num(c["pearson"]), _num(c["spearman"])]
                     for c in report["correlations"]]
     return [
-        ("Steps by certainty (batch H_norm tercile) × outcome",
-         ["batch", "certainty", "outcome", "steps", "mean |A_base|", "mean |A_empg|", "mean |A_aem|",
-          "EMPG/base", "AEM/base"], quadrants),
+        ("Steps by certainty (batch H_norm tercile) × outcome: mean |A| per estimator; amplification "
+         "×EMPG = mean |A_empg| / mean |A_base|, ×AEM = mean |A_aem| / mean |A_base|",
+         ["batch", "certainty", "outcome", "steps", "|A_base|", "|A_empg|", "|A_aem|", "×EMPG", "×AEM"], quadrants),
         ("Confident mistakes: lowest-entropy steps of failed trajectories", TOP_HEADERS,
          _top_rows(report["confident_mistakes"])),
         ("Uncertain successes: highest-entropy steps of successful trajectories", TOP_HEADERS,
@@ -115,19 +117,29 @@ def _markdown(report: dict[str, Any]) -> str:
     parts = ["# empg audit", "", _summary(report)]
     for title, headers, rows in _sections(report):
         parts += ["", f"## {title}", "", line(headers), line(["---"] * len(headers)), *map(line, rows)]
-    return "\n".join(parts) + "\n"
+    return "\n".join(parts)
 
 
 def _rich(report: dict[str, Any]) -> Group:
+    """Light borders and unbroken numbers, to fit 80 columns. Where the first column repeats (batch, run), each
+    group of rows gets a heading row instead of repeating it."""
     tables = []
     for title, headers, rows in _sections(report):
-        table = Table(title=title, title_justify="left", title_style="bold")
-        for h in headers:
-            table.add_column(h, overflow="fold", justify="left" if h in TEXT_HEADERS else "right")
-        for row in rows:
-            table.add_row(*row, style="red" if row[-1] == "FAIL" else None)
+        firsts = [row[0] for row in rows]
+        grouped = len(set(firsts)) < len(firsts)
+        shown = [f"{headers[0]} / {headers[1]}", *headers[2:]] if grouped else headers
+        table = Table(title=title, title_justify="left", title_style="bold", box=box.SIMPLE_HEAD,
+                      show_edge=False, pad_edge=False)
+        for h in shown:
+            text = h.split(" / ")[-1] in TEXT_HEADERS
+            table.add_column(h, overflow="fold", no_wrap=not text, justify="left" if text else "right")
+        for i, row in enumerate(rows):
+            if grouped and (i == 0 or firsts[i - 1] != row[0]):
+                table.add_row(Text(row[0].replace(", ", "\n"), style="bold"))  # one batch key per line: narrow
+            cells = [Text(c) for c in (row[1:] if grouped else row)]  # Text: a "[tag]" in a snippet is not markup
+            table.add_row(*cells, style="red" if row[-1] == "FAIL" else None)
         tables.append(table)
-    return Group(Text(_summary(report)), *tables)
+    return Group(Text(_summary(report)), *(Padding(t, (1, 0, 0, 0)) for t in tables))
 
 
 def render_audit(report: dict[str, Any], fmt: str) -> Group | str:
@@ -135,5 +147,5 @@ def render_audit(report: dict[str, Any], fmt: str) -> Group | str:
     if fmt not in FORMATS:
         raise BadUsage(f"--format must be one of {', '.join(FORMATS)}; got '{fmt}'")
     if fmt == "json":
-        return json.dumps(report, indent=2, sort_keys=True, allow_nan=False, ensure_ascii=False) + "\n"
+        return json.dumps(report, indent=2, sort_keys=True, allow_nan=False, ensure_ascii=False)
     return _markdown(report) if fmt == "markdown" else _rich(report)

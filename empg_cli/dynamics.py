@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from .config import EPS_RANGE
 from .errors import BadInput
-from .rollouts import read_metadata, read_table
+from .rollouts import open_parquet, read_metadata, read_table
 from .schema import check_column_types, is_text
 
 MODEL_COLUMNS = ("step_renyi2", "step_grad_norm_sq", "step_grad_norm_sq_expected")
@@ -34,6 +34,7 @@ GROUP = ["source", "iteration", "group_id"]
 OUTCOMES = pl.Enum(["success", "failure"])
 POSITIONS = pl.Enum(["early", "middle", "late"])
 CERTAINTIES = pl.Enum(["confident", "uncertain"])
+QUANTITIES = pl.Enum(["grad_norm", "update_base", "update_empg", "update_aem"])
 
 OUTCOME = (pl.when(pl.col("traj_reward") > 0).then(pl.lit("success")).otherwise(pl.lit("failure"))
            .cast(OUTCOMES).alias("outcome"))
@@ -53,11 +54,11 @@ def _labels(paths: Sequence[Path]) -> list[str]:
     return stems if len(set(stems)) == len(stems) else [str(p) for p in paths]
 
 
-def _batch_key(path: Path, table: pa.Table) -> list[str]:
+def _batch_key(path: Path, schema: pa.Schema) -> list[str]:
     """The batch key the advantages were computed with (the file's `empg` metadata), default (run, iteration)."""
-    key = list(((read_metadata(table) or {}).get("advantages") or {}).get("batch_key") or ["run", "iteration"])
+    key = list(((read_metadata(schema) or {}).get("advantages") or {}).get("batch_key") or ["run", "iteration"])
     for name in key:
-        if name not in table.column_names and name not in ("run", "iteration"):
+        if name not in schema.names and name not in ("run", "iteration"):
             raise BadInput(path, "is the batch key of this file's advantages (empg metadata) but is missing",
                            column=name)
     return key
@@ -65,15 +66,15 @@ def _batch_key(path: Path, table: pa.Table) -> list[str]:
 
 def _read_one(path: Path, label: str, prefix: bool) -> tuple[pl.DataFrame, list[str]]:
     """One scored file as a step frame with `file` and `batch` (label string); also its batch labels in order."""
-    table = read_table(path)
-    check_column_types(table, path, "scored")
+    schema = open_parquet(path).schema_arrow
+    check_column_types(schema, path, "scored")
     for name in (*KEY_COLUMNS, *SCORED_COLUMNS):
-        if name not in table.column_names:
+        if name not in schema.names:
             raise BadInput(path, "is missing; this is not a scored file (make one with `empg score`)", column=name)
-    batch_key = _batch_key(path, table)
-    text = next((c for c in TEXT_COLUMNS if c in table.column_names and is_text(table.schema.field(c).type)), None)
+    batch_key = _batch_key(path, schema)
+    text = next((c for c in TEXT_COLUMNS if c in schema.names and is_text(schema.field(c).type)), None)
     keep = dict.fromkeys(["run", "iteration", *KEY_COLUMNS, *SCORED_COLUMNS, *batch_key, *([text] if text else [])])
-    frame = pl.from_arrow(table.select([c for c in keep if c in table.column_names]))
+    frame = pl.from_arrow(read_table(path, columns=[c for c in keep if c in schema.names]))  # not ids or messages
     for name in KEY_COLUMNS + tuple(c for c in SCORED_COLUMNS if c not in MODEL_COLUMNS):
         nulls = frame[name].is_null().arg_true()
         if len(nulls):
@@ -111,11 +112,10 @@ def load_scored(paths: Sequence[Path]) -> pl.DataFrame:
     shared = frame.group_by("run").agg(pl.col("file").n_unique() > 1).filter(pl.col("file"))["run"]
     frame = frame.with_columns(source=pl.when(pl.col("run").is_in(shared.implode()))
                                .then(pl.format("{}:{}", "file", "run")).otherwise("run"))
-    sources = frame.select("file", "source").unique().sort(pl.col("file").replace_strict(labels, range(len(labels))),
-                                                           "source")["source"].to_list()
+    sources = frame.select("file", "source").unique().sort(pl.col("file").cast(pl.Enum(labels)), "source")["source"]
     batches = [b for _, order in read for b in order]
-    return frame.with_columns(pl.col("source").cast(pl.Enum(sources)), pl.col("batch").cast(pl.Enum(batches))).select(
-        "file", "source", "batch", "run", "iteration", *KEY_COLUMNS, *SCORED_COLUMNS, "text")
+    return (frame.with_columns(pl.col("source").cast(pl.Enum(sources)), pl.col("batch").cast(pl.Enum(batches)))
+            .select("file", "source", "batch", "run", "iteration", *KEY_COLUMNS, *SCORED_COLUMNS, "text"))
 
 
 def has_model_statistics(frame: pl.DataFrame) -> bool:
@@ -186,20 +186,27 @@ def certainty() -> pl.Expr:
             .cast(CERTAINTIES).alias("certainty"))
 
 
+def _grid(keys: pl.DataFrame, **levels: pl.Enum) -> pl.DataFrame:
+    """Every distinct row of `keys` with every level of each Enum, so that empty cells still get a row."""
+    keys = keys.unique()
+    for name, enum in levels.items():
+        keys = keys.join(pl.DataFrame({name: enum.categories.to_list()}, schema={name: enum}), how="cross")
+    return keys
+
+
 def quadrants(frame: pl.DataFrame) -> pl.DataFrame:
     """Per batch × certainty × outcome (all four cells, empty ones with n_steps 0): mean |A| per estimator and
     the amplification ratios mean|A_empg| / mean|A_base| and mean|A_aem| / mean|A_base| (null when the base is 0)."""
-    cells = (frame.select(pl.col("batch").unique()).join(pl.DataFrame({"certainty": CERTAINTIES.categories}).cast(CERTAINTIES), how="cross")
-             .join(pl.DataFrame({"outcome": OUTCOMES.categories}).cast(OUTCOMES), how="cross"))
     means = (frame.with_columns(certainty(), OUTCOME).drop_nulls("certainty")
              .group_by("batch", "certainty", "outcome")
              .agg(n_steps=pl.len(), **{f"mean_abs_adv_{name}": pl.col(col).abs().mean()
                                        for name, col in ESTIMATORS.items()}))
     base = pl.col("mean_abs_adv_base")
-    return (cells.join(means, on=["batch", "certainty", "outcome"], how="left")
-            .with_columns(pl.col("n_steps").fill_null(0).cast(pl.Int64),
-                          *[pl.when(base > 0).then(pl.col(f"mean_abs_adv_{name}") / base).alias(f"amplification_{name}")
-                            for name in ("empg", "aem")])
+    ratios = [pl.when(base > 0).then(pl.col(f"mean_abs_adv_{name}") / base).alias(f"amplification_{name}")
+              for name in ("empg", "aem")]
+    return (_grid(frame.select("batch"), certainty=CERTAINTIES, outcome=OUTCOMES)
+            .join(means, on=["batch", "certainty", "outcome"], how="left")
+            .with_columns(pl.col("n_steps").fill_null(0).cast(pl.Int64), *ratios)
             .sort("batch", "certainty", "outcome"))
 
 
@@ -218,22 +225,18 @@ def correlations(frame: pl.DataFrame) -> pl.DataFrame:
     """Per source, over the steps with model statistics: Pearson and Spearman correlation of H_t with ‖∇_z log π‖
     (the policy's own coupling) and with |A| · ‖∇_z log π‖ before (base) and after modulation (EMPG, AEM).
 
-    Null where fewer than two steps have ‖∇_z log π‖ or a quantity is constant.
+    Null where fewer than two steps have ‖∇_z log π‖ or a quantity is constant (no variance, no correlation).
     """
-    quantities = {"grad_norm": GRAD_NORM, **{f"update_{name}": update_magnitude(col) for name, col in ESTIMATORS.items()}}
+    quantities = {"grad_norm": GRAD_NORM,
+                  **{f"update_{name}": update_magnitude(col) for name, col in ESTIMATORS.items()}}
     rows = frame.filter(pl.col("step_grad_norm_sq").is_not_null()).with_columns(**quantities)
-    sources = frame.select(pl.col("source").unique().sort())
-    long = pl.concat([
-        rows.group_by("source").agg(
-            quantity=pl.lit(name), n_steps=pl.len(),
-            pearson=pl.corr("step_entropy", name), spearman=pl.corr("step_entropy", name, method="spearman"))
+    found = pl.concat([rows.group_by("source").agg(
+        quantity=pl.lit(name).cast(QUANTITIES), n_steps=pl.len(),
+        pearson=pl.corr("step_entropy", name), spearman=pl.corr("step_entropy", name, method="spearman"))
         for name in quantities])
-    out = sources.join(pl.DataFrame({"quantity": list(quantities)}), how="cross").join(long, on=["source", "quantity"],
-                                                                                        how="left")
-    return (out.with_columns(pl.col("n_steps").fill_null(0).cast(pl.Int64),
-                             pl.col("pearson", "spearman").fill_nan(None))
-            .with_columns(pl.when(pl.col("n_steps") >= 2).then(pl.col("pearson", "spearman")).name.keep())
-            .sort("source", pl.col("quantity").replace_strict(list(quantities), range(len(quantities)))))
+    return (_grid(frame.select("source"), quantity=QUANTITIES).join(found, on=["source", "quantity"], how="left")
+            .with_columns(pl.col("n_steps").fill_null(0).cast(pl.Int64), pl.col("pearson", "spearman").fill_nan(None))
+            .sort("source", "quantity"))
 
 
 def invariants(frame: pl.DataFrame) -> pl.DataFrame:

@@ -21,7 +21,8 @@ from .errors import BadUsage
 FORMATS = ("png", "svg", "pdf")
 OKABE_ITO = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")
 """One colour per run, yellow last: it is faint on white."""
-OUTCOME_TITLE = {"success": "successful trajectories (traj_reward > 0)", "failure": "failed trajectories (traj_reward ≤ 0)"}
+OUTCOME_TITLE = {"success": "successful trajectories (traj_reward > 0)",
+                 "failure": "failed trajectories (traj_reward ≤ 0)"}
 ESTIMATOR_STYLE = {"base": (":", "o", "base ($A_i$)"), "empg": ("-", "s", "EMPG"), "aem": ("--", "^", "AEM")}
 ENTROPY_LABEL = "step entropy $H_t$ (nats)"
 GRAD_LABEL = r"$\|\nabla_z \log\pi\|^2$ (unitless)"
@@ -69,10 +70,10 @@ def _band(ax: Axes, table: pl.DataFrame, colour: str, dodge: float) -> None:
         ax.fill_between(x, lo, hi, color=colour, alpha=0.15, linewidth=0)
 
 
-def _legend(ax: Axes, colours: dict[str, str], styles: dict[str, str], loc: str = "best") -> None:
-    """One legend: a coloured line per run, then a black line per style."""
+def _legend(ax: Axes, colours: dict[str, str], styles: dict[str, dict], loc: str = "best") -> None:
+    """One legend: a coloured line per run, then a black line per style (label: Line2D keyword arguments)."""
     handles = [Line2D([], [], color=c, linewidth=2, label=f"run {s}") for s, c in colours.items()]
-    handles += [Line2D([], [], color="black", linestyle=ls, label=label) for label, ls in styles.items()]
+    handles += [Line2D([], [], color="black", label=label, **style) for label, style in styles.items()]
     ax.legend(handles=handles, loc=loc, frameon=False)
 
 
@@ -108,8 +109,8 @@ def entropy_figure(frame: pl.DataFrame) -> Figure:
 
 
 def grad_figure(frame: pl.DataFrame) -> Figure:
-    """Left: ‖∇_z log π‖² vs H_t with decile means and Proposition 1. Middle: |A| · ‖∇_z log π‖ per entropy decile
-    for base, EMPG and AEM. Right: mean ‖∇_z log π‖² per iteration."""
+    """Left: ‖∇_z log π‖² vs H_t with decile means and Proposition 1. Middle: |A| · ‖∇_z log π‖ per entropy
+    decile for base, EMPG and AEM. Right: mean ‖∇_z log π‖² per iteration."""
     colours = _colours(frame)
     fig = Figure(figsize=(16, 5.5), layout="constrained")
     scatter, update, per_iteration = fig.subplots(1, 3)
@@ -121,7 +122,11 @@ def grad_figure(frame: pl.DataFrame) -> Figure:
             _note(ax, NO_MODEL_NOTE)
         return fig
     model = frame.drop_nulls("step_grad_norm_sq")
-    colours = {s: c for s, c in colours.items() if s in set(model["source"].cast(pl.String))}
+    left_out = [s for s in colours if s not in set(model["source"].cast(pl.String))]
+    if left_out:
+        fig.supxlabel("Not shown, as their entropies were logged (no gradient norm): "
+                      + ", ".join(f"run {s}" for s in left_out), fontsize=10)
+    colours = {s: c for s, c in colours.items() if s not in left_out}
     deciles = dynamics.entropy_deciles(model)
     for (source,), part in model.group_by("source", maintain_order=True):
         scatter.scatter(part["step_entropy"], part["step_grad_norm_sq"], s=7, alpha=0.25, color=colours[source],
@@ -137,13 +142,14 @@ def grad_figure(frame: pl.DataFrame) -> Figure:
     scatter.set_xlabel(ENTROPY_LABEL)
     scatter.set_ylabel(GRAD_LABEL + ", mean over the step's tokens")
     scatter.grid(alpha=0.3)
-    _legend(scatter, colours, {"steps (dots) and entropy-decile means": "-",
-                               r"Prop. 1: $E\|\nabla\|^2 = 1-e^{-H_2}$, $x = H_2$": "-."}, loc="lower right")
+    _legend(scatter, colours, {"steps (dots) and entropy-decile means": {"marker": "o"},
+                               r"Prop. 1: $E\|\nabla\|^2 = 1-e^{-H_2}$, $x = H_2$": {"linestyle": "-."}},
+            loc="lower right")
     update.set_xlabel("step-entropy decile within the run (1 = lowest entropy)")
     update.set_ylabel(r"mean $|A|\cdot\|\nabla_z \log\pi\|$ (advantage units)")
     update.set_xticks(range(1, 11))
     update.grid(alpha=0.3)
-    _legend(update, colours, {label: ls for ls, _, label in ESTIMATOR_STYLE.values()})
+    _legend(update, colours, {label: {"linestyle": ls, "marker": m} for ls, m, label in ESTIMATOR_STYLE.values()})
     _bands(per_iteration, dynamics.grad_norm_by_iteration(model), colours)
     per_iteration.set_ylabel(GRAD_LABEL)
     _legend(per_iteration, colours, {})
