@@ -136,29 +136,30 @@ def score(
 
 @contextmanager
 def _token_progress():
-    """A rich progress bar in tokens and tokens/s on stderr, shown once rescoring starts."""
+    """A rich progress bar over steps, with tokens/s, on stderr (only on a terminal), shown once rescoring starts."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, ProgressColumn, TextColumn, \
         TimeRemainingColumn
     from rich.text import Text
 
     from .pipeline import Progress
 
-    class Rate(ProgressColumn):
+    class TokensPerSecond(ProgressColumn):
         def render(self, task) -> Text:
-            speed = task.finished_speed or task.speed or (task.completed / task.elapsed if task.elapsed else 0)
-            return Text(f"{speed:,.0f} tok/s")
+            return Text(f"{task.fields['tokens'] / task.elapsed if task.elapsed else 0:,.0f} tok/s")
 
-    bar = Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(), TimeRemainingColumn(),
-              console=err, transient=True, disable=not err.is_terminal)
-    task = bar.add_task("rescoring", total=0)
+    bar = Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
+              TokensPerSecond(), TimeRemainingColumn(), console=err, transient=True, disable=not err.is_terminal)
+    task = bar.add_task("rescoring", total=None, tokens=0)
 
-    def start(total: int) -> None:
+    def start(total_steps: int) -> None:
         bar.start()
-        bar.update(task, total=(bar.tasks[0].total or 0) + total, description="rescoring")
+        bar.update(task, total=total_steps)
+
+    def advance(steps: int, tokens: int) -> None:
+        bar.update(task, advance=steps, tokens=bar.tasks[0].fields["tokens"] + tokens)
 
     try:
-        yield Progress(start=start, advance=lambda n: bar.advance(task, n),
-                       note=lambda message: bar.update(task, description=message))
+        yield Progress(start=start, advance=advance, note=lambda message: bar.update(task, description=message))
     finally:
         if bar.live.is_started:
             bar.stop()
@@ -228,8 +229,8 @@ def validate(
     """Check a file against its schema (a scored file is recognised by its columns)."""
     with _reported(debug):
         from .config import AdvantageConfig
-        from .rollouts import read_rollouts, read_table
-        scored = "step_entropy" in read_table(input).column_names
+        from .rollouts import open_parquet, read_rollouts
+        scored = "step_entropy" in open_parquet(input).schema_arrow.names
         rollouts = read_rollouts(input, AdvantageConfig(), scored=scored)
         steps = rollouts.steps
         typer.echo(f"ok: {input} is a valid {'scored' if scored else 'rollouts'} file: {steps.height:,} rows, "

@@ -8,7 +8,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import polars as pl
@@ -26,13 +26,17 @@ METADATA_KEY = b"empg"
 ROW = "_row"  # 0-based row index of the input file; every error message counts rows this way
 
 
+ROWS_PER_CHUNK = 16384
+"""Rows read, scored and written at a time: memory is bounded by a chunk, not by the file."""
+
+
 @dataclass
 class Rollouts:
-    """A validated rollouts file: the untouched Arrow table plus a canonical polars frame of the keys."""
+    """A validated rollouts file: its keys in memory, its content streamed chunk by chunk from disk."""
 
     path: Path
-    table: pa.Table
-    """The file as read: its columns and order are written back unchanged."""
+    schema: pa.Schema
+    """The file's Arrow schema: its columns and order are written back unchanged."""
     steps: pl.DataFrame
     """One row per step in file order: _row, run, iteration, group_id, traj_id, step, reward, batch keys (+ advantage)."""
     input_column: str
@@ -42,25 +46,42 @@ class Rollouts:
     metadata: dict[str, Any] | None
     """The file's own `empg` metadata, if it was written by empg."""
 
+    def chunks(self, columns: list[str] | None = None, rows: int = ROWS_PER_CHUNK) -> Iterator[tuple[int, pa.Table]]:
+        """(first row, table) for consecutive chunks of the file, with only `columns` (default: all) read."""
+        first = 0
+        for batch in pq.ParquetFile(self.path).iter_batches(batch_size=rows, columns=columns):
+            yield first, pa.Table.from_batches([batch])
+            first += batch.num_rows
 
-def read_table(path: Path) -> pa.Table:
-    """The Parquet file as an Arrow table; a missing, unreadable or empty file is a BadInput."""
+
+def open_parquet(path: Path) -> pq.ParquetFile:
+    """The Parquet file, opened; a missing, unreadable or empty file is a BadInput."""
     if not path.exists():
         raise BadInput(path, "no such file")
     if path.is_dir():
         raise BadInput(path, "is a directory, not a Parquet file")
     try:
-        table = pq.read_table(path)
+        parquet = pq.ParquetFile(path)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
         raise BadInput(path, f"cannot be read as Parquet ({str(exc).splitlines()[0]})") from exc
-    if table.num_rows == 0:
+    if parquet.metadata.num_rows == 0:
         raise BadInput(path, "has no rows")
-    return table
+    return parquet
 
 
-def read_metadata(table: pa.Table) -> dict[str, Any] | None:
-    """The `empg` key-value metadata of a table, parsed, or None."""
-    raw = (table.schema.metadata or {}).get(METADATA_KEY)
+def read_table(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """The Parquet file (or some of its columns) as one Arrow table, for data that fits in memory."""
+    parquet = open_parquet(path)
+    try:
+        return parquet.read(columns=columns)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise BadInput(path, f"cannot be read as Parquet ({str(exc).splitlines()[0]})") from exc
+
+
+def read_metadata(source: pa.Table | pa.Schema) -> dict[str, Any] | None:
+    """The `empg` key-value metadata of a table or schema, parsed, or None."""
+    schema = source.schema if isinstance(source, pa.Table) else source
+    raw = (schema.metadata or {}).get(METADATA_KEY)
     return json.loads(raw) if raw else None
 
 
@@ -78,7 +99,7 @@ def _key_frame(table: pa.Table, path: Path, extra: tuple[str, ...]) -> pl.DataFr
     """The key columns as polars, defaults filled for absent run/iteration, nulls in ids rejected."""
     n = table.num_rows
     cols: dict[str, Any] = {ROW: np.arange(n, dtype=np.int64)}
-    for name in ("run", "iteration", "group_id", "traj_id", "step", "reward", *extra):
+    for name in ("run", "iteration", "group_id", "traj_id", "step", "reward", "advantage", *extra):
         if name in table.column_names:
             cols[name] = pl.from_arrow(table.column(name))
     frame = pl.DataFrame(cols)
@@ -87,7 +108,7 @@ def _key_frame(table: pa.Table, path: Path, extra: tuple[str, ...]) -> pl.DataFr
     if "iteration" not in frame.columns:
         frame = frame.with_columns(iteration=pl.lit(0, pl.Int64))
     frame = frame.with_columns(pl.col("run", "group_id", "traj_id").cast(pl.String), pl.col("iteration", "step").cast(pl.Int64),
-                               pl.col("reward").cast(pl.Float64))
+                               pl.col("^(reward|advantage)$").cast(pl.Float64))
     for name in ("run", "iteration", "group_id", "traj_id", "step", *extra):
         row = _first(frame[name].is_null())
         if row is not None:
@@ -139,16 +160,16 @@ def _check_value_per_trajectory(frame: pl.DataFrame, path: Path, column: str, re
                                  f"{hint}", column=column, trajectory=_describe_traj(bad), row=bad[ROW])
 
 
-def _check_nonempty(table: pa.Table, path: Path, column: str) -> None:
-    """No nulls, no empty strings or lists in the chosen prompt/response column."""
+def _check_nonempty(table: pa.Table, path: Path, column: str, offset: int) -> None:
+    """No nulls, no empty strings or lists in the chosen prompt/response column (rows from `offset`)."""
     array = table.column(column)
     row = _first(pl.from_arrow(array.is_null()))
     if row is not None:
-        raise BadInput(path, "is null", column=column, row=row)
+        raise BadInput(path, "is null", column=column, row=offset + row)
     lengths = pc.utf8_length(array) if is_text(array.type) else pc.list_value_length(array)
     row = _first(pl.from_arrow(pc.equal(lengths, 0)))
     if row is not None:
-        raise BadInput(path, "is empty; every step needs at least one token here", column=column, row=row)
+        raise BadInput(path, "is empty; every step needs at least one token here", column=column, row=offset + row)
     if column == "messages":
         flat = pc.list_flatten(array)
         for part in ("role", "content"):
@@ -156,79 +177,76 @@ def _check_nonempty(table: pa.Table, path: Path, column: str) -> None:
             hit = _first(pl.from_arrow(nulls))
             if hit is not None:
                 parent = pc.list_parent_indices(array).to_numpy()[hit]
-                raise BadInput(path, f"a message has a null {part}", column=column, row=int(parent))
+                raise BadInput(path, f"a message has a null {part}", column=column, row=offset + int(parent))
 
 
-def _check_token_entropy(table: pa.Table, path: Path, required: bool) -> None:
-    """Logged entropies: finite, >= 0, one per response token (when response_ids say how many)."""
-    if "token_entropy" not in table.column_names:
-        if required:
-            raise BadInput(path, "--entropy-source logged needs the column 'token_entropy' "
-                                 "(per-token entropies logged at generation time)")
-        return
+def _check_token_entropy(table: pa.Table, path: Path, required: bool, offset: int) -> None:
+    """Logged entropies (rows from `offset`): finite, >= 0, one per response token when response_ids say how many."""
     array = table.column("token_entropy")
     if required:
-        row = _first(pl.from_arrow(array.is_null()))
-        if row is None:
-            row = _first(pl.from_arrow(pc.equal(pc.list_value_length(array), 0)))
+        row = _first(pl.from_arrow(pc.or_kleene(array.is_null(), pc.equal(pc.list_value_length(array), 0))))
         if row is not None:
             raise BadInput(path, "has no entropies on this row; --entropy-source logged needs them on every row",
-                           column="token_entropy", row=row)
+                           column="token_entropy", row=offset + row)
     values = pc.list_flatten(array).to_numpy(zero_copy_only=False).astype(np.float64)
     bad = np.flatnonzero(~np.isfinite(values) | (values < 0))
     if bad.size:
         row = int(pc.list_parent_indices(array).to_numpy()[bad[0]])
         raise BadInput(path, f"entropy {values[bad[0]]} is not a finite number >= 0 (nats)", column="token_entropy",
-                       row=row)
+                       row=offset + row)
     if "response_ids" in table.column_names:
-        mismatch = pc.and_(pc.is_valid(array), pc.not_equal(pc.list_value_length(array),
-                                                            pc.list_value_length(table.column("response_ids"))))
-        row = _first(pl.from_arrow(mismatch))
+        n_entropies = pc.list_value_length(array)
+        n_ids = pc.list_value_length(table.column("response_ids"))
+        row = _first(pl.from_arrow(pc.and_(pc.is_valid(array), pc.not_equal(n_entropies, n_ids))))
         if row is not None:
-            n_ent = len(array[row].as_py())
-            n_ids = len(table.column("response_ids")[row].as_py())
-            raise BadInput(path, f"has {n_ent} entropies for {n_ids} response_ids", column="token_entropy", row=row)
+            raise BadInput(path, f"has {n_entropies[row]} entropies for {n_ids[row]} response_ids",
+                           column="token_entropy", row=offset + row)
 
 
 def read_rollouts(path: Path, advantages: AdvantageConfig, *, entropy_source: str = "model",
                   scored: bool = False) -> Rollouts:
     """Read and validate a rollouts file (or, with `scored`, a scored file) per SPEC 2.1.
 
+    The key columns are read whole; prompt, response and entropy columns are checked chunk by chunk.
     Raises BadInput naming the file, column and first offending row or trajectory.
     """
-    table = read_table(path)
-    check_column_types(table, path, "scored" if scored else "rollouts")
-    input_column, output_column = check_required_columns(table, path)
+    schema = open_parquet(path).schema_arrow
+    check_column_types(schema, path, "scored" if scored else "rollouts")
+    input_column, output_column = check_required_columns(schema, path)
     new_columns = [c["name"] for c in load_schema("scored")["columns"]]
     if scored:
-        missing = [c for c in new_columns if c not in table.column_names]
+        missing = [c for c in new_columns if c not in schema.names]
         if missing:
             raise BadInput(path, f"is not a scored file: column '{missing[0]}' is missing; make one with `empg score`")
     else:
-        present = [c for c in new_columns if c in table.column_names]
+        present = [c for c in new_columns if c in schema.names]
         if present:
             raise BadInput(path, "is already present: this looks like a scored file; recompute advantages with "
                                  "`empg advantages`, or drop the column", column=present[0])
     for key in advantages.batch_key:
-        if key not in table.column_names and key not in ("run", "iteration"):
+        if key not in schema.names and key not in ("run", "iteration"):
             raise BadUsage(f"--batch-key column '{key}' is not in {path}")
+    if advantages.estimator == "column" and "advantage" not in schema.names:
+        raise BadInput(path, "--estimator column needs the column 'advantage'")
+    if entropy_source == "logged" and "token_entropy" not in schema.names:
+        raise BadInput(path, "--entropy-source logged needs the column 'token_entropy' "
+                             "(per-token entropies logged at generation time)")
     extra = tuple(k for k in advantages.batch_key if k not in TRAJ_KEYS and k != "step")
-    if advantages.estimator == "column":
-        if "advantage" not in table.column_names:
-            raise BadInput(path, "--estimator column needs the column 'advantage'")
-        extra += ("advantage",) if "advantage" not in extra else ()
-    frame = _key_frame(table, path, tuple(dict.fromkeys(c for c in extra if c != "advantage")))
-    if advantages.estimator == "column":
-        frame = frame.with_columns(advantage=pl.from_arrow(table.column("advantage")).cast(pl.Float64))
+    keys = [c for c in (*TRAJ_KEYS, "step", "reward", *extra, "advantage") if c in schema.names]
+    frame = _key_frame(read_table(path, keys), path, tuple(dict.fromkeys(extra)))
     _check_steps(frame, path)
     _check_value_per_trajectory(frame, path, "reward", advantages.reward_agg)
     if advantages.estimator == "column":
         _check_value_per_trajectory(frame, path, "advantage", None)
+    rollouts = Rollouts(path, schema, frame, input_column, output_column, read_metadata(schema))
     if not scored:
-        _check_nonempty(table, path, input_column)
-        _check_nonempty(table, path, output_column)
-        _check_token_entropy(table, path, required=entropy_source == "logged")
-    return Rollouts(path, table, frame, input_column, output_column, read_metadata(table))
+        content = [input_column, output_column] + [c for c in ("response_ids", "token_entropy") if c in schema.names]
+        for offset, chunk in rollouts.chunks(list(dict.fromkeys(content))):
+            _check_nonempty(chunk, path, input_column, offset)
+            _check_nonempty(chunk, path, output_column, offset)
+            if "token_entropy" in chunk.column_names:
+                _check_token_entropy(chunk, path, entropy_source == "logged", offset)
+    return rollouts
 
 
 def sha256_file(path: Path) -> str:
@@ -247,16 +265,30 @@ def check_output_path(input_path: Path, output_path: Path, overwrite: bool) -> N
         raise BadUsage(f"output folder {output_path.parent} does not exist")
 
 
-def write_table_atomic(table: pa.Table, output_path: Path, metadata: dict[str, Any]) -> None:
-    """Write Parquet to a temporary file beside the output, then rename it into place (SPEC 5)."""
-    schema_meta = dict(table.schema.metadata or {})
-    schema_meta[METADATA_KEY] = json.dumps(metadata, sort_keys=True).encode()
-    table = table.replace_schema_metadata(schema_meta)
+def write_columns_atomic(rollouts: Rollouts, output_path: Path, columns: dict[str, pa.Array],
+                         metadata: dict[str, Any], rows: int = ROWS_PER_CHUNK) -> None:
+    """Stream the input chunk by chunk with `columns` set (replaced in place or appended, each as long as the file)
+    into a temporary file beside the output, then rename it into place (SPEC 5)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{output_path.name}.", suffix=".tmp", dir=output_path.parent)
     os.close(fd)
+    writer = None
     try:
-        pq.write_table(table, tmp)
+        for offset, chunk in rollouts.chunks(rows=rows):
+            for name, array in columns.items():
+                part = array.slice(offset, chunk.num_rows)
+                if name in chunk.column_names:
+                    chunk = chunk.set_column(chunk.column_names.index(name), name, part)
+                else:
+                    chunk = chunk.append_column(name, part)
+            if writer is None:
+                schema_meta = dict(rollouts.schema.metadata or {})
+                schema_meta[METADATA_KEY] = json.dumps(metadata, sort_keys=True).encode()
+                writer = pq.ParquetWriter(tmp, chunk.schema.with_metadata(schema_meta))
+            writer.write_table(chunk.replace_schema_metadata(writer.schema.metadata))
+        writer.close()
         os.replace(tmp, output_path)
     except BaseException:
+        if writer is not None:
+            writer.close()
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -55,30 +55,30 @@ TYPE_CHECKS: dict[str, Callable[[pa.DataType], bool]] = {
 }
 
 
-def check_column_types(table: pa.Table, path: str | Path, name: str) -> None:
+def check_column_types(schema_: pa.Schema, path: str | Path, name: str) -> None:
     """Every column the schema `name` knows that is present must have a compatible Arrow type."""
     schema = load_schema(name)
     columns = list(schema["columns"])
     if name == "scored":
         columns = load_schema("rollouts")["columns"] + columns
     for col in columns:
-        if col["name"] in table.column_names:
-            actual = table.schema.field(col["name"]).type
+        if col["name"] in schema_.names:
+            actual = schema_.field(col["name"]).type
             if not TYPE_CHECKS[col["type"]](actual):
                 raise BadInput(path, f"has Arrow type {actual}, expected {col['type']} "
                                      f"(see `empg schema {name}`)", column=col["name"])
 
 
-def check_required_columns(table: pa.Table, path: str | Path) -> tuple[str, str]:
+def check_required_columns(schema_: pa.Schema, path: str | Path) -> tuple[str, str]:
     """Required rollout columns are present; returns the chosen (input, output) columns, ids before text."""
     schema = load_schema("rollouts")
     for col in schema["columns"]:
-        if col["required"] is True and col["name"] not in table.column_names:
+        if col["required"] is True and col["name"] not in schema_.names:
             raise BadInput(path, f"required column '{col['name']}' is missing; the rollouts schema is "
                                  f"`empg schema rollouts`")
     chosen = []
     for role, candidates in schema["one_of"].items():
-        present = [c for c in candidates if c in table.column_names]
+        present = [c for c in candidates if c in schema_.names]
         if not present:
             raise BadInput(path, f"no policy {role} column: one of {', '.join(candidates)} is required "
                                  f"(see `empg schema rollouts`)")

@@ -194,10 +194,11 @@ def _check_head(policy: Policy, tokens: np.ndarray, hidden: torch.Tensor) -> Non
 
 
 def score_units(policy: Policy, units: Sequence[Unit], *, temperature: float, batch_tokens: int,
-                on_tokens: Callable[[int], None] | None = None, packed: bool | None = None) -> TokenStats:
+                on_batch: Callable[[int, int], None] | None = None, packed: bool | None = None) -> TokenStats:
     """Per-token statistics of all units' responses, concatenated in unit order (responses in unit order).
 
     `packed` (default: when the model runs FlashAttention-2) puts each batch's units in one row without padding.
+    `on_batch(steps, tokens)` is called after each batch.
     """
     if packed is None:
         packed = getattr(policy.model.config, "_attn_implementation", None) == "flash_attention_2"
@@ -221,6 +222,6 @@ def score_units(policy: Policy, units: Sequence[Unit], *, temperature: float, ba
         where = torch.from_numpy(np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in members]))
         for dst, src in zip(out, stats):
             dst[where] = src.float().cpu()
-        if on_tokens:
-            on_tokens(int(lengths[members].sum()))
+        if on_batch:
+            on_batch(sum(len(units[i].rows) for i in members), int(lengths[members].sum()))
     return out

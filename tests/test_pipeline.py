@@ -164,3 +164,39 @@ def test_advantages_recompute_keeps_stored_flags_and_statistics(tmp_path, tiny_m
     assert not np.allclose(a["adv_empg"].to_numpy(), s["adv_empg"].to_numpy())
     assert main(["advantages", str(src)]) == 2
     assert "is not a scored file" in capsys.readouterr().err
+
+
+def test_streaming_in_small_chunks_equals_one_chunk(tmp_path):
+    """Chunks split trajectories and alternate checkpoints; every result equals the whole-file run."""
+    for it, seed in ((0, 20), (1, 21)):
+        build_model(tmp_path / f"ckpt/{it}", seed=seed)
+    rows = random_rollouts(np.random.default_rng(12), iterations=2, groups=4)
+    src = tmp_path / "in.parquet"
+    write_rollouts(src, rows)
+    pq.write_table(pq.read_table(src), src, row_group_size=7)
+    cfg = ScoreConfig(model=str(tmp_path / "ckpt/{iteration}"), token_level=True)
+    whole, chunked = tmp_path / "whole.parquet", tmp_path / "chunked.parquet"
+    score_file(src, whole, cfg, AdvantageConfig())
+    score_file(src, chunked, cfg, AdvantageConfig(), rows_per_chunk=5)
+    a, b = pq.read_table(whole), pq.read_table(chunked)
+    assert a.num_rows == b.num_rows == len(rows["run"]) and a.column_names == b.column_names
+    for name in a.column_names:
+        if a.schema.field(name).type in (pa.float64(), pa.list_(pa.float32())):
+            left, right = pl.from_arrow(a.column(name)), pl.from_arrow(b.column(name))
+            if left.dtype == pl.List(pl.Float32):
+                left, right = left.explode(), right.explode()
+            np.testing.assert_allclose(right.to_numpy(), left.to_numpy(), atol=1e-5, err_msg=name)
+        else:
+            assert a.column(name).equals(b.column(name)), name
+    assert pq.ParquetFile(chunked).metadata.num_row_groups > 1
+
+
+def test_new_columns_have_the_schema_types(tmp_path, tiny_model_dir):
+    src = write_rollouts(tmp_path / "in.parquet", random_rollouts(np.random.default_rng(13)))
+    out = tmp_path / "out.parquet"
+    score_file(src, out, ScoreConfig(model=str(tiny_model_dir), token_level=True), AdvantageConfig())
+    schema = pq.read_schema(out)
+    arrow = {"float64": pa.float64(), "int32": pa.int32(), "list<float32>": pa.list_(pa.float32())}
+    scored = load_schema("scored")
+    for col in scored["columns"] + scored["token_level_columns"]:
+        assert schema.field(col["name"]).type.equals(arrow[col["type"]]), col["name"]
