@@ -32,17 +32,17 @@ OVERWRITE = typer.Option(False, "--overwrite", help="Replace an existing output 
 
 # Advantage hyperparameters: shared by `score` and `advantages`; None means "the stored or default value".
 ESTIMATOR = typer.Option(None, "--estimator",
-                         help="Base advantage A_i [default: grpo].")
+                         help="Base advantage A_i; default grpo.")
 REWARD_AGG = typer.Option(None, "--reward-agg",
-                          help="Trajectory reward from step rewards: equal (must be equal) or sum [default: equal].")
-K = typer.Option(None, "--k", help="EMPG scaling strength k >= 0 [default: 1.0].")
-K_FUTURE = typer.Option(None, "--k-future", help="EMPG future-clarity strength k' >= 0 [default: 1.0].")
-ZETA = typer.Option(None, "--zeta", help="EMPG future-clarity weight zeta >= 0 [default: 0.1].")
+                          help="Trajectory reward from step rewards: equal (must be equal) or sum; default equal.")
+K = typer.Option(None, "--k", help="EMPG scaling strength k >= 0; default 1.0.")
+K_FUTURE = typer.Option(None, "--k-future", help="EMPG future-clarity strength k' >= 0; default 1.0.")
+ZETA = typer.Option(None, "--zeta", help="EMPG future-clarity weight zeta >= 0; default 0.1.")
 EMPG_NORM = typer.Option(None, "--empg-norm",
-                         help="EMPG batch normalisation [default: mean].")
-AEM_TAU = typer.Option(None, "--aem-tau", help="AEM temperature tau > 0 [default: 1.0].")
+                         help="EMPG batch normalisation; default mean.")
+AEM_TAU = typer.Option(None, "--aem-tau", help="AEM temperature tau > 0; default 1.0.")
 BATCH_KEY = typer.Option(None, "--batch-key", help="Column(s) defining EMPG's batch; repeat or comma-separate "
-                                                   "[default: run,iteration].")
+                                                   "(default: run,iteration).")
 
 
 @contextmanager
@@ -100,7 +100,7 @@ def score(
     device: Device = typer.Option("auto", "--device", help="cuda, then mps, then cpu."),
     dtype: Dtype = typer.Option("auto", "--dtype", help="bfloat16 on cuda, else float32."),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature T > 0 "
-                                                "[default: the input metadata's, else 1.0]."),
+                                                "(default: the input metadata's, else 1.0)."),
     entropy_source: EntropySource = typer.Option("model", "--entropy-source",
                                        help="Rescore with the model, or average the logged token_entropy."),
     estimator: Optional[Estimator] = ESTIMATOR, reward_agg: Optional[RewardAgg] = REWARD_AGG, k: Optional[float] = K,
