@@ -234,7 +234,8 @@ def _metadata(rollouts: Rollouts, score: ScoreConfig | None, advantages: Advanta
                  "advantages": config_to_dict(advantages), "estimator": advantages.estimator})
     if score is not None:
         base.update({"score": config_to_dict(score), "entropy_source": score.entropy_source,
-                     "temperature": score.temperature, "model": model})
+                     "temperature": score.temperature, "model": model,
+                     "device": model["device"] if model else None, "dtype": model["dtype"] if model else None})
     return base
 
 

@@ -57,7 +57,7 @@ def test_metadata_records_provenance_and_every_hyperparameter(tmp_path, tiny_mod
     assert meta["advantages"] == {"estimator": "rloo", "reward_agg": "equal", "k": 2.0, "k_future": 1.0, "zeta": 0.3,
                                   "empg_norm": "mean", "aem_tau": 0.5, "batch_key": ["run", "iteration"]}
     assert meta["score"]["batch_tokens"] == 8192 and meta["score"]["dtype"] == "auto"
-    assert meta["model"]["device"] == "cpu" and meta["model"]["dtype"] == "float32"
+    assert meta["device"] == meta["model"]["device"] == "cpu" and meta["dtype"] == meta["model"]["dtype"] == "float32"
     checkpoint = meta["model"]["checkpoints"][str(tiny_model_dir)]
     weights = hashlib.sha256(b"model.safetensors\0" + hashlib.sha256(
         (tiny_model_dir / "model.safetensors").read_bytes()).digest()).hexdigest()
