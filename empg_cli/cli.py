@@ -121,7 +121,7 @@ def score(
     Writes INPUT.scored.parquet: every input row and column, then the step statistics and advantages.
     """
     with _reported(debug):
-        from .pipeline import Progress, score_file
+        from .pipeline import score_file
         adv = advantage_config_from(None, **_advantage_flags(estimator, reward_agg, k, k_future, zeta, empg_norm,
                                                              aem_tau, batch_key))
         cfg = ScoreConfig(model=model, device=device, dtype=dtype, temperature=temperature,

@@ -9,12 +9,11 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from conftest import build_model, random_rollouts, write_rollouts
 from empg_cli.cli import main
 from empg_cli.config import AdvantageConfig, ScoreConfig
-from empg_cli.pipeline import advantages_file, score_file
+from empg_cli.pipeline import score_file
 from empg_cli.schema import load_schema
 
 NEW_COLUMNS = [c["name"] for c in load_schema("scored")["columns"]]
