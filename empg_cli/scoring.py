@@ -22,6 +22,7 @@ from .stats import TokenStats, token_stats_from_hidden
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 HEAD_CHECK_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 5e-2}
 
 
@@ -75,7 +76,8 @@ class Policy:
     """A loaded model and what the scorer needs to know about it."""
 
     model: Any
-    tokenizer: Any
+    tokenizer: Any | None
+    """None when a local checkpoint has no tokenizer files (token-id inputs need none)."""
     ref: str
     weights_sha256: str | None
     device: torch.device
@@ -106,8 +108,10 @@ def load_policy(ref: str, *, device: torch.device, dtype: torch.dtype, allow_pic
     looks_local = ref.startswith((".", "/", "~")) or Path(ref).exists() or ref.count("/") > 1
     if looks_local and not Path(ref).is_dir():
         raise ModelLoadError(f"model folder {ref} does not exist")
+    # transformers builds an empty tokenizer for a folder without tokenizer files; we want none instead
+    has_tokenizer = not Path(ref).is_dir() or any((Path(ref) / f).exists() for f in TOKENIZER_FILES)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code) if has_tokenizer else None
         model = AutoModelForCausalLM.from_pretrained(
             ref, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=None if allow_pickle else True,
             attn_implementation=attention_implementation(device, dtype))

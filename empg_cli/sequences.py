@@ -52,6 +52,9 @@ def token_rows(table: pa.Table, column: str, tokenizer: Any, path: Path) -> Toke
     array = table.column(column)
     if column.endswith("_ids"):
         return TokenRows.from_arrow(array)
+    if tokenizer is None:
+        raise ModelLoadError(f"{path}: column '{column}' is text, and the model folder has no tokenizer files; "
+                             "save the tokenizer beside the weights, or give prompt_ids and response_ids")
     if column == "messages":
         if not getattr(tokenizer, "chat_template", None):
             raise ModelLoadError(f"{path}: column 'messages' needs a tokenizer with a chat template, and this "

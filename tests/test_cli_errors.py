@@ -175,6 +175,21 @@ def test_pickle_weights_need_allow_pickle(tmp_path, capsys, tiny_model_dir):
     assert code == 0, err
 
 
+def test_text_input_needs_the_models_tokenizer(tmp_path, capsys, tiny_model_dir):
+    import shutil
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_model_dir / name, bare / name)
+    rows = {k: v for k, v in _rows().items() if k != "response_ids"} | {"response": ["a", "b", "c", "d"]}
+    src = _write(tmp_path, rows=rows)
+    code, _, err = run_cli(capsys, "score", src, "--model", bare)
+    assert code == 2 and "column 'response' is text, and the model folder has no tokenizer files" in err, err
+    code, _, err = run_cli(capsys, "score", _write(tmp_path, rows=_rows()), "--model", bare, "--overwrite",
+                           "-o", tmp_path / "ids.parquet")
+    assert code == 0, err  # token ids need no tokenizer
+
+
 def test_internal_failure_is_exit_1_and_debug_shows_the_traceback(tmp_path, capsys, tiny_model_dir, monkeypatch):
     import empg_cli.pipeline as pipeline
 
