@@ -1,10 +1,9 @@
 """Per-token statistics of the next-token distribution p = softmax(z / T), in float32 whatever the model dtype.
 
 From one pass of reductions over the vocabulary (SPEC 3, EMPG Proposition 1):
-  lse   = logsumexp(z)                    log-partition
-  H     = -sum_v p_v (z_v - lse)          Shannon entropy (nats); shifting by lse first keeps float32 precise
-  C     = sum_v p_v^2 = exp(logsumexp(2z) - 2 lse)
-  log p_a = z_a - lse                     log-prob of the sampled token a
+  H     = -sum_v p_v log p_v              Shannon entropy (nats)
+  C     = sum_v p_v^2
+  log p_a                                 log-prob of the sampled token a
 and from those H2 = -log C, ||grad_z log pi(a)||^2 = 1 - 2 p_a + C, E_a[...] = 1 - C.
 """
 
@@ -42,14 +41,22 @@ class TokenStats(NamedTuple):
 
 
 def token_stats_from_logits(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> TokenStats:
-    """Statistics of softmax(logits / T) at each row; logits (N, V) any float dtype, targets (N,) token ids."""
-    z = logits.float() / temperature                               # (N, V)
-    lse = torch.logsumexp(z, dim=-1)                               # (N,)
-    logp = z - lse.unsqueeze(-1)                                   # (N, V)
-    p = torch.exp(logp)
-    entropy = -torch.where(p > 0, p * logp, 0.0).sum(dim=-1)       # (N,) nats; 0 log 0 = 0 for -inf logits
-    sum_p2 = torch.exp(torch.logsumexp(2.0 * z, dim=-1) - 2.0 * lse)
-    logprob = z.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1) - lse
+    """Statistics of softmax(logits / T) at each row; logits (N, V) any float dtype, targets (N,) token ids.
+
+    Two (N, V) float32 temporaries and no more: s = (z - max z) / T, and q = exp(s) (unnormalised p).
+    With Z = sum q: H = log Z - (q . s) / Z, sum p^2 = (q . q) / Z^2, log p_a = s_a - log Z.
+    """
+    shifted = logits.to(torch.float32, copy=True)                                  # (N, V), a fresh float32 copy
+    shifted.sub_(shifted.amax(dim=-1, keepdim=True))
+    if temperature != 1.0:
+        shifted.div_(temperature)
+    shifted.clamp_(min=torch.finfo(torch.float32).min)  # -inf logits: q = 0 and q * s = 0, not NaN
+    q = torch.exp(shifted)                                                         # (N, V) in (0, 1]
+    total = q.sum(dim=-1)                                                          # (N,) >= 1
+    log_total = torch.log(total)
+    entropy = log_total - torch.einsum("nv,nv->n", q, shifted) / total             # nats
+    sum_p2 = torch.einsum("nv,nv->n", q, q) / total.square()
+    logprob = shifted.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1) - log_total
     return TokenStats(entropy.clamp_min(0.0), sum_p2, logprob)
 
 
