@@ -109,6 +109,11 @@ def _check_logged_lengths(path: Path, table: pa.Table, responses: TokenRows, row
                        column="token_entropy", row=int(rows[i]))
 
 
+def _empty_table(rollouts: Rollouts, columns: list[str]) -> pa.Table:
+    """An empty table with the file's types for `columns`."""
+    return pa.schema([rollouts.schema.field(c) for c in columns]).empty_table()
+
+
 class _Checkpoints:
     """Loads the checkpoint each chunk needs, keeping one in memory, and records their provenance."""
 
@@ -142,9 +147,17 @@ def _model_statistics(rollouts: Rollouts, cfg: ScoreConfig, progress: Progress, 
                             "prefix_shared_trajectories": 0}
     token_row, entropy, sum_p2, logprob = [], [], [], []
     columns = [rollouts.input_column, rollouts.output_column] + ["token_entropy"] * ("token_entropy" in rollouts.schema.names)
+    # a trajectory is scored once its last row has been read, whole: rows of unfinished ones wait for later chunks
+    last_row = rollouts.steps.select(pl.col(ROW).max().over(TRAJ_KEYS))[ROW].to_numpy()
+    waiting, waiting_rows = _empty_table(rollouts, columns), np.zeros(0, dtype=np.int64)
     progress.start(n)
     for offset, chunk in rollouts.chunks(columns, rows_per_chunk):
-        keys = rollouts.steps.slice(offset, chunk.num_rows).with_columns(pl.int_range(pl.len()).alias("_chunk"))
+        chunk = pa.concat_tables([waiting, chunk])
+        read = np.concatenate([waiting_rows, np.arange(offset, offset + chunk.num_rows - len(waiting_rows))])
+        ready = last_row[read] < offset + chunk.num_rows - len(waiting_rows)
+        waiting, waiting_rows = chunk.filter(pa.array(~ready)), read[~ready]
+        chunk, read = chunk.filter(pa.array(ready)), read[ready]
+        keys = rollouts.steps[read].with_columns(pl.int_range(pl.len()).alias("_chunk"))
         for ref in dict.fromkeys(refs[it] for it in keys["iteration"].unique(maintain_order=True)):
             iterations = [it for it, r in refs.items() if r == ref]
             policy = checkpoints.get(ref, sorted(set(iterations) & set(keys["iteration"].to_list())))

@@ -188,6 +188,9 @@ def test_streaming_in_small_chunks_equals_one_chunk(tmp_path):
         else:
             assert a.column(name).equals(b.column(name)), name
     assert pq.ParquetFile(chunked).metadata.num_row_groups > 1
+    # rows are shuffled, so trajectories straddle chunks: each still waits and is scored whole, as one chain
+    shared = [_metadata(p)["model"]["prefix_shared_trajectories"] for p in (whole, chunked)]
+    assert shared[0] == shared[1] > 0
 
 
 def test_new_columns_have_the_schema_types(tmp_path, tiny_model_dir):
