@@ -121,25 +121,30 @@ def _markdown(report: dict[str, Any]) -> str:
 
 
 def _rich(report: dict[str, Any]) -> Group:
-    """Light borders and unbroken numbers, to fit 80 columns. Where the first column repeats (batch, run), each
-    group of rows gets a heading row instead of repeating it."""
-    tables = []
+    """Light borders and unbroken numbers, to fit 80 columns. Where the first column repeats (batch, run), the
+    section is split into one table per value, titled with it, instead of repeating it on every row."""
+    parts: list[Any] = [Text(_summary(report))]
     for title, headers, rows in _sections(report):
         firsts = [row[0] for row in rows]
-        grouped = len(set(firsts)) < len(firsts)
-        shown = [f"{headers[0]} / {headers[1]}", *headers[2:]] if grouped else headers
-        table = Table(title=title, title_justify="left", title_style="bold", box=box.SIMPLE_HEAD,
-                      show_edge=False, pad_edge=False)
-        for h in shown:
-            text = h.split(" / ")[-1] in TEXT_HEADERS
-            table.add_column(h, overflow="fold", no_wrap=not text, justify="left" if text else "right")
-        for i, row in enumerate(rows):
-            if grouped and (i == 0 or firsts[i - 1] != row[0]):
-                table.add_row(Text(row[0].replace(", ", "\n"), style="bold"))  # one batch key per line: narrow
-            cells = [Text(c) for c in (row[1:] if grouped else row)]  # Text: a "[tag]" in a snippet is not markup
-            table.add_row(*cells, style="red" if row[-1] == "FAIL" else None)
-        tables.append(table)
-    return Group(Text(_summary(report)), *(Padding(t, (1, 0, 0, 0)) for t in tables))
+        if len(set(firsts)) < len(firsts):
+            parts.append(Padding(Text(title, style="bold"), (1, 0, 0, 0)))
+            for value in dict.fromkeys(firsts):
+                parts.append(_table(value, headers[1:], [row[1:] for row in rows if row[0] == value], style="italic"))
+        else:
+            parts.append(Padding(_table(title, headers, rows, style="bold"), (1, 0, 0, 0)))
+    return Group(*parts)
+
+
+def _table(title: str, headers: list[str], rows: list[list[str]], style: str) -> Table:
+    table = Table(title=title, title_justify="left", title_style=style, box=box.SIMPLE_HEAD, show_edge=False,
+                  pad_edge=False)
+    for h in headers:
+        text = h in TEXT_HEADERS
+        table.add_column(h, overflow="fold", no_wrap=not text, justify="left" if text else "right")
+    for row in rows:
+        cells = [Text(c) for c in row]  # Text: a "[tag]" in a snippet is not markup
+        table.add_row(*cells, style="red" if row[-1] == "FAIL" else None)
+    return table
 
 
 def render_audit(report: dict[str, Any], fmt: str) -> Group | str:
