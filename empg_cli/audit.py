@@ -71,7 +71,7 @@ def _num(x: float | int | None) -> str:
 
 
 def _top_rows(entries: list[dict[str, Any]]) -> list[list[str]]:
-    return [[str(i), f"{e['source']} · it {e['iteration']} · {e['group_id']}/{e['traj_id']} · step {e['step']}",
+    return [[str(i), f"{e['source']} · it {e['iteration']} · {_trajectory(e)} · step {e['step']}",
              _num(e["step_entropy"]), _num(e["adv_base"]), _num(e["adv_empg"]), _num(e["adv_aem"]),
              e["snippet"] or ""] for i, e in enumerate(entries, 1)]
 
@@ -118,6 +118,12 @@ def _markdown(report: dict[str, Any]) -> str:
     for title, headers, rows in _sections(report):
         parts += ["", f"## {title}", "", line(headers), line(["---"] * len(headers)), *map(line, rows)]
     return "\n".join(parts)
+
+
+def _trajectory(entry: dict[str, Any]) -> str:
+    """group/traj, or the trajectory id alone when it already names its group (ids like `task-7/3`)."""
+    group, traj = str(entry["group_id"]), str(entry["traj_id"])
+    return traj if traj.startswith(group) else f"{group}/{traj}"
 
 
 def _rich(report: dict[str, Any]) -> Group:

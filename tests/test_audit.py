@@ -170,3 +170,9 @@ def test_several_files_keep_their_batches_apart(tmp_path: Path) -> None:
     assert report["sources"] == ["1:r", "2:r"]
     assert sorted({q["batch"] for q in report["quadrants"]}) == ["1: run=r, iteration=0", "2: run=r, iteration=0"]
     assert [c["n_checked"] for c in report["invariants"]][:2] == [2, 2]
+
+
+def test_trajectory_label_names_the_group_once() -> None:
+    from empg_cli.audit import _trajectory
+    assert _trajectory({"group_id": "task-7", "traj_id": "task-7/3"}) == "task-7/3"
+    assert _trajectory({"group_id": "g1", "traj_id": "t3"}) == "g1/t3"
