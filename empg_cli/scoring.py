@@ -162,6 +162,13 @@ class Batch:
     targets: torch.Tensor
 
 
+def ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """concat(arange(s, s + n) for s, n in zip(starts, lengths)), without a Python loop."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    begin = np.cumsum(lengths) - lengths
+    return np.repeat(np.asarray(starts, dtype=np.int64) - begin, lengths) + np.arange(int(lengths.sum()))
+
+
 def make_batch(units: Sequence[Unit], packed: bool) -> Batch:
     """Right-padded rows (B, L) with a mask, or all units packed in one row (1, sum L) with restarting positions.
 
@@ -169,21 +176,22 @@ def make_batch(units: Sequence[Unit], packed: bool) -> Batch:
     causal mask, or FlashAttention's varlen kernel, so no token attends across units.
     """
     lengths = np.array([len(u.tokens) for u in units])
-    # response token at position s + j is predicted by the hidden state at s + j - 1
-    local = [np.concatenate([np.arange(s, s + n) for s, n in zip(u.starts, u.lengths)]) - 1 for u in units]
-    counts = np.array([len(x) for x in local])
-    if packed:
-        ids = np.concatenate([u.tokens for u in units])[None]
-        position_ids = torch.from_numpy(np.concatenate([np.arange(n) for n in lengths])[None])
-        rows = np.zeros(counts.sum(), dtype=np.int64)
-        positions = np.concatenate([x + o for x, o in zip(local, np.cumsum(lengths) - lengths)])
-        mask = None
+    spans = np.array([len(u.starts) for u in units])
+    starts, span_lengths = np.concatenate([u.starts for u in units]), np.concatenate([u.lengths for u in units])
+    unit_of_span = np.repeat(np.arange(len(units)), spans)
+    tokens = np.concatenate([u.tokens for u in units])
+    if packed:  # positions inside the one packed row: each unit starts where the previous one ended
+        starts = starts + np.repeat(np.cumsum(lengths) - lengths, spans)
+        ids, rows = tokens[None], np.zeros(int(span_lengths.sum()), dtype=np.int64)
+        position_ids, mask = torch.from_numpy(ranges(np.zeros_like(lengths), lengths)[None]), None
     else:
         ids = np.zeros((len(units), lengths.max()), dtype=np.int64)
         valid = np.arange(lengths.max()) < lengths[:, None]
-        ids[valid] = np.concatenate([u.tokens for u in units])
+        ids[valid] = tokens
         mask, position_ids = torch.from_numpy(valid.astype(np.int64)), None
-        rows, positions = np.repeat(np.arange(len(units)), counts), np.concatenate(local)
+        rows = np.repeat(unit_of_span, span_lengths)
+    # response token at position s + j is predicted by the hidden state at s + j - 1
+    positions = ranges(starts, span_lengths) - 1
     return Batch(torch.from_numpy(ids), mask, position_ids, torch.from_numpy(rows), torch.from_numpy(positions),
                  torch.from_numpy(ids[rows, positions + 1]))
 
@@ -213,6 +221,7 @@ def score_units(policy: Policy, units: Sequence[Unit], *, temperature: float, ba
     decoder = policy.model.get_decoder()
     lengths = np.array([len(u.tokens) for u in units], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum([int(u.lengths.sum()) for u in units])])
+    steps = np.array([len(u.rows) for u in units])
     out = TokenStats(*(torch.empty(int(offsets[-1]), dtype=torch.float32) for _ in range(3)))
     checked = False
     for members in token_budget_batches(lengths, batch_tokens, packed):
@@ -227,9 +236,9 @@ def score_units(policy: Policy, units: Sequence[Unit], *, temperature: float, ba
             selected = hidden[to(batch.rows), to(batch.positions)]  # (N, d)
             stats = token_stats_from_hidden(selected, policy.head, to(batch.targets), temperature)
         # scatter the batch's tokens (in batch order) to their units' places in the output
-        where = torch.from_numpy(np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in members]))
+        where = torch.from_numpy(ranges(offsets[members], offsets[members + 1] - offsets[members]))
         for dst, src in zip(out, stats):
             dst[where] = src.float().cpu()
         if on_batch:
-            on_batch(sum(len(units[i].rows) for i in members), int(lengths[members].sum()))
+            on_batch(int(steps[members].sum()), int(lengths[members].sum()))
     return out

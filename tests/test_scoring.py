@@ -184,3 +184,11 @@ def test_token_budget_batches_cover_every_unit_once_within_budget(packed):
     for b in batches:
         cost = lengths[b].sum() if packed else lengths[b].max() * len(b)
         assert len(b) == 1 or cost <= 128
+
+
+def test_ranges_concatenates_aranges():
+    from empg_cli.scoring import ranges
+    rng = np.random.default_rng(1)
+    starts, lengths = rng.integers(0, 50, size=30), rng.integers(0, 6, size=30)
+    expected = [i for s, n in zip(starts, lengths) for i in range(s, s + n)]
+    assert ranges(starts, lengths).tolist() == expected
