@@ -13,9 +13,7 @@ import numpy as np
 import polars as pl
 
 from .config import EPS_RANGE, EPS_STD, AdvantageConfig
-
-TRAJ_KEYS = ["run", "iteration", "group_id", "traj_id"]
-GROUP_KEYS = ["run", "iteration", "group_id"]
+from .schema import TRAJ_KEYS
 ADVANTAGE_COLUMNS = ["traj_reward", "adv_base", "empg_h_norm", "empg_g", "empg_f_next", "adv_empg",
                      "aem_u_norm", "aem_w", "adv_aem"]
 # integer ids of a step's trajectory, group and batch (one hash of the string keys instead of one per window)

@@ -16,16 +16,18 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
+import torch
 
 from . import __version__
-from .advantages import ADVANTAGE_COLUMNS, TRAJ_KEYS, compute_advantages
+from .advantages import ADVANTAGE_COLUMNS, compute_advantages
 from .config import AdvantageConfig, ScoreConfig, advantage_config_from, config_to_dict
 from .errors import BadInput, BadUsage
 from .rollouts import (ROW, ROWS_PER_CHUNK, Rollouts, check_output_path, open_parquet, read_metadata, read_rollouts,
                        read_table, sha256_file, write_columns_atomic)
-from .schema import SCHEMA_VERSION
+from .schema import GROUP_KEYS, SCHEMA_VERSION, TRAJ_KEYS
 from .scoring import Policy, load_policy, resolve_device, resolve_dtype, score_units
 from .sequences import TokenRows, check_vocabulary, plan_units, token_rows
+from .stats import TokenStats
 
 MODEL_COLUMNS = ["step_renyi2", "step_logprob", "step_grad_norm_sq", "step_grad_norm_sq_expected"]
 
@@ -145,7 +147,7 @@ def _model_statistics(rollouts: Rollouts, cfg: ScoreConfig, progress: Progress, 
     info: dict[str, Any] = {"ref": cfg.model or rollouts.metadata["model"]["ref"], "device": str(checkpoints.device),
                             "dtype": str(checkpoints.dtype).removeprefix("torch."), "truncated_prompts": 0,
                             "prefix_shared_trajectories": 0}
-    token_row, entropy, sum_p2, logprob = [], [], [], []
+    token_row, scored = [], []
     columns = [rollouts.input_column, rollouts.output_column] + ["token_entropy"] * ("token_entropy" in rollouts.schema.names)
     # a trajectory is scored once its last row has been read, whole: rows of unfinished ones wait for later chunks
     last_row = rollouts.steps.select(pl.col(ROW).max().over(TRAJ_KEYS))[ROW].to_numpy()
@@ -180,22 +182,25 @@ def _model_statistics(rollouts: Rollouts, cfg: ScoreConfig, progress: Progress, 
                                 on_batch=progress.advance)
             token_row.append(np.repeat(rows[np.concatenate([u.rows for u in units])],
                                        np.concatenate([u.lengths for u in units])))
-            entropy.append(stats.entropy.double().numpy())
-            sum_p2.append(stats.sum_p2.double().numpy())
-            logprob.append(stats.logprob.double().numpy())
+            scored.append(stats)
     info["checkpoints"] = checkpoints.provenance
     row = np.concatenate(token_row)
-    ent, p2, lp = np.concatenate(entropy), np.concatenate(sum_p2), np.concatenate(logprob)
+    tokens = TokenStats(*(torch.cat(column).double() for column in zip(*scored)))  # every response token, float64
     count = np.bincount(row, minlength=n)
-    mean = lambda x: np.bincount(row, weights=x, minlength=n) / count  # noqa: E731 - per-step mean over tokens
-    arrays = {"n_response_tokens": count.astype(np.int32), "step_entropy": mean(ent),
-              "step_renyi2": mean(-np.log(p2)), "step_logprob": np.bincount(row, weights=lp, minlength=n),
-              "step_grad_norm_sq": mean(1 - 2 * np.exp(lp) + p2), "step_grad_norm_sq_expected": mean(1 - p2)}
+
+    def total(x: torch.Tensor) -> np.ndarray:  # per-step sum over the step's tokens
+        return np.bincount(row, weights=x.numpy(), minlength=n)
+
+    arrays = {"n_response_tokens": count.astype(np.int32), "step_entropy": total(tokens.entropy) / count,
+              "step_renyi2": total(tokens.renyi2) / count, "step_logprob": total(tokens.logprob),
+              "step_grad_norm_sq": total(tokens.grad_norm_sq) / count,
+              "step_grad_norm_sq_expected": total(tokens.grad_norm_sq_expected) / count}
     lists = None
     if cfg.token_level:  # tokens of a row are contiguous and in order: a stable sort by row groups them
         order = np.argsort(row, kind="stable")
         offsets = np.concatenate([[0], np.cumsum(count)]).astype(np.int64)
-        lists = TokenLists(offsets, ent[order].astype(np.float32), lp[order].astype(np.float32))
+        lists = TokenLists(offsets, tokens.entropy.numpy()[order].astype(np.float32),
+                           tokens.logprob.numpy()[order].astype(np.float32))
     return arrays, lists, info
 
 
@@ -233,7 +238,7 @@ def _advantage_columns(steps: pl.DataFrame, cfg: AdvantageConfig, n_tokens: np.n
 
 def _summary(output: Path, steps: pl.DataFrame, traj_reward: pa.Array, step_entropy: np.ndarray) -> Summary:
     trajs = steps.with_columns(traj_reward=pl.from_arrow(traj_reward)).unique(TRAJ_KEYS)
-    return Summary(output, steps.height, trajs.height, steps.select(["run", "iteration", "group_id"]).n_unique(),
+    return Summary(output, steps.height, trajs.height, steps.select(GROUP_KEYS).n_unique(),
                    steps["iteration"].n_unique(), float((trajs["traj_reward"] > 0).mean()), float(step_entropy.mean()))
 
 

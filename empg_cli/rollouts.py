@@ -18,10 +18,8 @@ import pyarrow.parquet as pq
 
 from .config import AdvantageConfig
 from .errors import BadInput, BadUsage
-from .schema import check_column_types, check_required_columns, is_text, load_schema
+from .schema import TRAJ_KEYS, check_column_types, check_required_columns, is_text, load_schema
 
-TRAJ_KEYS = ("run", "iteration", "group_id", "traj_id")
-GROUP_KEYS = ("run", "iteration", "group_id")
 METADATA_KEY = b"empg"
 ROW = "_row"  # 0-based row index of the input file; every error message counts rows this way
 
@@ -99,7 +97,7 @@ def _key_frame(table: pa.Table, path: Path, extra: tuple[str, ...]) -> pl.DataFr
     """The key columns as polars, defaults filled for absent run/iteration, nulls in ids rejected."""
     n = table.num_rows
     cols: dict[str, Any] = {ROW: np.arange(n, dtype=np.int64)}
-    for name in ("run", "iteration", "group_id", "traj_id", "step", "reward", "advantage", *extra):
+    for name in (*TRAJ_KEYS, "step", "reward", "advantage", *extra):
         if name in table.column_names:
             cols[name] = pl.from_arrow(table.column(name))
     frame = pl.DataFrame(cols)
@@ -109,7 +107,7 @@ def _key_frame(table: pa.Table, path: Path, extra: tuple[str, ...]) -> pl.DataFr
         frame = frame.with_columns(iteration=pl.lit(0, pl.Int64))
     frame = frame.with_columns(pl.col("run", "group_id", "traj_id").cast(pl.String), pl.col("iteration", "step").cast(pl.Int64),
                                pl.col("^(reward|advantage)$").cast(pl.Float64))
-    for name in ("run", "iteration", "group_id", "traj_id", "step", *extra):
+    for name in (*TRAJ_KEYS, "step", *extra):
         row = _first(frame[name].is_null())
         if row is not None:
             raise BadInput(path, "is null; ids and keys must be set on every row", column=name, row=row)

@@ -12,7 +12,6 @@ import pyarrow as pa
 
 from .errors import BadInput
 
-SCHEMA_NAMES = ("rollouts", "scored")
 SCHEMA_VERSION = 1
 
 
@@ -20,6 +19,12 @@ SCHEMA_VERSION = 1
 def load_schema(name: str) -> dict[str, Any]:
     """The parsed `schemas/<name>.v<SCHEMA_VERSION>.json`."""
     return json.loads(files("empg_cli").joinpath("schemas", f"{name}.v{SCHEMA_VERSION}.json").read_text())
+
+
+TRAJ_KEYS: list[str] = load_schema("rollouts")["keys"]["trajectory"]
+"""Columns identifying a trajectory: run, iteration, group_id, traj_id."""
+GROUP_KEYS: list[str] = load_schema("rollouts")["keys"]["group"]
+"""Columns identifying a group (trajectories of one task at one iteration): run, iteration, group_id."""
 
 
 def schema_text(name: str) -> str:
