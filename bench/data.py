@@ -41,8 +41,12 @@ def build_tokenizer(directory: Path) -> None:
     PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|end|>").save_pretrained(directory)
 
 
-def build_model(spec: ModelSpec, directory: Path, seed: int = 0) -> dict[str, float]:
-    """Save a random model (safetensors) and tokenizer into `directory`; return its parameter counts."""
+def build_model(spec: ModelSpec, directory: Path, seed: int = 0, device: str = "cpu",
+                dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """Save a random model (safetensors, in `dtype`) and tokenizer into `directory`; return its parameter counts.
+
+    `device` only speeds up the random initialisation of a large model (cuda).
+    """
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
@@ -50,7 +54,8 @@ def build_model(spec: ModelSpec, directory: Path, seed: int = 0) -> dict[str, fl
                          intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_layers,
                          num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_kv_heads,
                          max_position_embeddings=spec.max_positions, tie_word_embeddings=False)
-    model = Qwen2ForCausalLM(config)
+    with torch.device(device):
+        model = Qwen2ForCausalLM(config).to(dtype)
     with torch.no_grad():  # sharper, more varied next-token distributions than the default init
         model.get_output_embeddings().weight.mul_(8.0)
     model.save_pretrained(directory, safe_serialization=True)

@@ -38,8 +38,8 @@ def main() -> None:
     src, dst, model, batch_tokens = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     after_imports = vm_hwm_mib()
     started = time.perf_counter()
-    score_file(Path(src), Path(dst), ScoreConfig(model=model, batch_tokens=batch_tokens), AdvantageConfig(),
-               overwrite=True)
+    score_file(Path(src), Path(dst), ScoreConfig(model=model, device="cpu", batch_tokens=batch_tokens),
+               AdvantageConfig(), overwrite=True)
     print(json.dumps({"seconds": time.perf_counter() - started, "after_imports_mib": after_imports,
                       "vm_hwm_mib": vm_hwm_mib(),
                       "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))

@@ -2,7 +2,7 @@
 
 Written from SPEC 3 without empg_cli: every step is its own sequence `prompt_ids + response_ids`,
 right-padded into batches of a fixed number of rows in file order (a trainer's micro-batch), one full
-`model(input_ids, attention_mask)` forward with float32 logits at every position, a full-vocabulary
+`model(input_ids, attention_mask)` forward, its logits cast to float32 at every position, a full-vocabulary
 `log_softmax`, the entropy H = -sum_v p_v log p_v (nats) at every position, and the step entropy as the
 mean over the positions that predict the step's response tokens.
 """
@@ -41,7 +41,8 @@ def naive_step_entropies(model, prompts: Sequence[np.ndarray], responses: Sequen
             ids[b, :len(s)] = torch.from_numpy(s.astype(np.int64))
             mask[b, :len(s)] = 1
         with torch.inference_mode():
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()  # (B, L, V)
+            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                           use_cache=False).logits.float()                                     # (B, L, V)
             logp = torch.log_softmax(logits, dim=-1)                                           # (B, L, V)
             entropy = -(logp.exp() * logp).sum(dim=-1)                                         # (B, L) nats
         for b, i in enumerate(rows):

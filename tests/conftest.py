@@ -65,6 +65,24 @@ def build_model(directory: Path, arch: str = "qwen2", vocab_size: int = 320, max
     return model.eval()
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                             reason="no CUDA device on this machine"))]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    """Each device test runs on the CPU, and on CUDA where a GPU is present."""
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def cpu_unless_device_test(request, monkeypatch):
+    """A test that does not take `device` checks logic to float32 precision: on a GPU machine `--device auto`
+    would pick cuda and bfloat16, so such tests see no GPU. Device tests take the `device` fixture."""
+    if "device" not in request.fixturenames:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("tiny-qwen2")

@@ -202,3 +202,21 @@ def test_new_columns_have_the_schema_types(tmp_path, tiny_model_dir):
     scored = load_schema("scored")
     for col in scored["columns"] + scored["token_level_columns"]:
         assert schema.field(col["name"]).type.equals(arrow[col["type"]]), col["name"]
+
+
+def test_cli_scores_on_the_requested_device_with_its_default_dtype(tmp_path, tiny_model_dir, device, capsys):
+    """`--dtype auto` is bfloat16 on cuda and float32 on the CPU; the metadata says which ran, and the
+    statistics stay within bfloat16's reach of a float32 CPU run."""
+    src = write_rollouts(tmp_path / "in.parquet", random_rollouts(np.random.default_rng(8)))
+    out = tmp_path / "out.parquet"
+    assert main(["score", str(src), "--model", str(tiny_model_dir), "--device", device, "-o", str(out)]) == 0, \
+        capsys.readouterr().err
+    meta = _metadata(out)
+    assert meta["device"].split(":")[0] == device
+    assert meta["dtype"] == {"cpu": "float32", "cuda": "bfloat16"}[device]
+    reference = tmp_path / "cpu.parquet"
+    score_file(src, reference, ScoreConfig(model=str(tiny_model_dir), device="cpu", dtype="float32"), AdvantageConfig())
+    got, want = pl.read_parquet(out), pl.read_parquet(reference)
+    np.testing.assert_allclose(got["step_entropy"].to_numpy(), want["step_entropy"].to_numpy(),
+                               atol=1e-5 if device == "cpu" else 0.1)
+    assert got["step_entropy"].dtype == pl.Float64

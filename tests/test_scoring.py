@@ -31,24 +31,24 @@ def _entropy_float64(logits: torch.Tensor, temperature: float) -> list[float]:
 
 def _generate_multi_turn(model, rng, temperature: float, turns: int = 3):
     """Sample a multi-turn dialogue with generate(); returns rows with ids and generate's per-token entropies."""
-    prompt = torch.tensor(rng.integers(5, 300, size=(1, 6)))
+    prompt = torch.tensor(rng.integers(5, 300, size=(1, 6)), device=model.device)
     rows = []
     for step in range(turns):
         torch.manual_seed(100 + step)
         out = model.generate(prompt, do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=7,
                              min_new_tokens=7, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
         response = out.sequences[0, prompt.shape[1]:]
-        logits = torch.cat(out.logits)  # (n_new, V), the raw logits before temperature
+        logits = torch.cat(out.logits).cpu()  # (n_new, V), the raw logits before temperature
         rows.append({"prompt_ids": prompt[0].tolist(), "response_ids": response.tolist(),
                      "entropy": _entropy_float64(logits, temperature)})
-        observation = torch.tensor(rng.integers(5, 300, size=(1, 4)))
+        observation = torch.tensor(rng.integers(5, 300, size=(1, 4)), device=model.device)
         prompt = torch.cat([prompt, response[None], observation], dim=1)
     return rows
 
 
 @pytest.mark.parametrize("prefix_sharing", [True, False])
-def test_rescored_entropies_equal_generate_logits_multi_turn(tmp_path, prefix_sharing):
-    model = build_model(tmp_path / "m", "qwen2")
+def test_rescored_entropies_equal_generate_logits_multi_turn(tmp_path, prefix_sharing, device):
+    model = build_model(tmp_path / "m", "qwen2").to(device)
     rng = np.random.default_rng(1)
     temperature = 0.7
     turns = _generate_multi_turn(model, rng, temperature)
@@ -58,7 +58,7 @@ def test_rescored_entropies_equal_generate_logits_multi_turn(tmp_path, prefix_sh
     src = write_rollouts(tmp_path / "dialogue.parquet", rows)
     out = tmp_path / "scored.parquet"
     score_file(src, out, ScoreConfig(model=str(tmp_path / "m"), temperature=temperature, token_level=True,
-                                     prefix_sharing=prefix_sharing), AdvantageConfig())
+                                     prefix_sharing=prefix_sharing, device=device, dtype="float32"), AdvantageConfig())
     scored = pq.read_table(out)
     got = scored.column("token_entropy").to_pylist()
     worst = max(abs(a - b) for g, t in zip(got, turns) for a, b in zip(g, t["entropy"]))
@@ -86,10 +86,12 @@ def _score(tmp_path, model_dir, rows, name, **cfg) -> pl.DataFrame:
     return pl.read_parquet(out)
 
 
-def test_prefix_chained_and_batched_paths_equal_the_per_step_path(tmp_path, tiny_model_dir):
+def test_prefix_chained_and_batched_paths_equal_the_per_step_path(tmp_path, tiny_model_dir, device):
     rows = random_rollouts(np.random.default_rng(3), iterations=1, groups=4, max_steps=5)
-    simple = _score(tmp_path, tiny_model_dir, rows, "simple", prefix_sharing=False, batch_tokens=1)
-    fast = _score(tmp_path, tiny_model_dir, rows, "fast", prefix_sharing=True, batch_tokens=100_000)
+    simple = _score(tmp_path, tiny_model_dir, rows, "simple", prefix_sharing=False, batch_tokens=1, device=device,
+                    dtype="float32")
+    fast = _score(tmp_path, tiny_model_dir, rows, "fast", prefix_sharing=True, batch_tokens=100_000, device=device,
+                  dtype="float32")
     for col in ("step_entropy", "step_renyi2", "step_logprob", "step_grad_norm_sq", "step_grad_norm_sq_expected"):
         np.testing.assert_allclose(fast[col].to_numpy(), simple[col].to_numpy(), atol=1e-5, rtol=0)
 
@@ -120,10 +122,10 @@ def test_text_and_messages_inputs_score_like_their_token_ids(tmp_path, tiny_mode
         assert other["n_response_tokens"].to_list() == by_ids["n_response_tokens"].to_list()
 
 
-def test_bfloat16_path_runs_and_stays_close_to_float32(tmp_path, tiny_model_dir):
+def test_bfloat16_path_runs_and_stays_close_to_float32(tmp_path, tiny_model_dir, device):
     rows = random_rollouts(np.random.default_rng(5), iterations=1, groups=2)
-    f32 = _score(tmp_path, tiny_model_dir, rows, "f32", dtype="float32")
-    bf16 = _score(tmp_path, tiny_model_dir, rows, "bf16", dtype="bfloat16")
+    f32 = _score(tmp_path, tiny_model_dir, rows, "f32", dtype="float32", device=device)
+    bf16 = _score(tmp_path, tiny_model_dir, rows, "bf16", dtype="bfloat16", device=device)
     assert bf16["step_entropy"].dtype == pl.Float64
     np.testing.assert_allclose(bf16["step_entropy"].to_numpy(), f32["step_entropy"].to_numpy(), atol=0.1)
     assert not np.allclose(bf16["step_entropy"].to_numpy(), f32["step_entropy"].to_numpy(), atol=1e-7)
@@ -157,11 +159,11 @@ def test_device_and_dtype_resolution():
     assert attention_implementation(torch.device("cuda"), torch.float32) == "sdpa"
 
 
-def test_packed_batches_equal_padded_batches(tmp_path, tiny_model_dir):
+def test_packed_batches_equal_padded_batches(tmp_path, tiny_model_dir, device):
     """The FlashAttention varlen layout (one packed row, restarting positions) gives the padded results."""
     from empg_cli.scoring import score_units
     from empg_cli.sequences import Unit
-    policy = load_policy(str(tiny_model_dir), device=torch.device("cpu"), dtype=torch.float32)
+    policy = load_policy(str(tiny_model_dir), device=torch.device(device), dtype=torch.float32)
     rng = np.random.default_rng(9)
     units = []
     for _ in range(7):

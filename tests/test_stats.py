@@ -288,3 +288,36 @@ def test_empty_input() -> None:
     for stats in (logits_stats, hidden_stats):
         for name, got in all_fields(stats).items():
             assert got.shape == (0,) and got.dtype == torch.float32, (name, got.shape, got.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_chunks_on_device_match_float64_reference_at_a_152k_vocabulary(device: str, dtype: torch.dtype) -> None:
+    """The device path (cuda kernels where a GPU is present) against float64 on the same rounded logits."""
+    n, d, vocab = 6, 16, 151_936
+    head = linear_head(d, vocab, dtype=dtype, seed=7).to(device)
+    hidden = torch.randn(n, d, generator=torch.Generator().manual_seed(8)).to(dtype).to(device)
+    targets = torch.randint(vocab, (n,), generator=torch.Generator().manual_seed(9)).to(device)
+    with torch.no_grad():
+        stats = token_stats_from_hidden(hidden, head, targets, 0.7, chunk_elements=2 * vocab + 1)
+        logits = head(hidden).cpu()                                              # (N, V) as the device rounded them
+    assert all(t.device.type == device and t.dtype == torch.float32 for t in stats)
+    errors = max_errors(TokenStats(*(t.cpu() for t in stats)), logits, targets.cpu(), 0.7)
+    assert all(err <= tolerance(logits, 0.7) for err in errors.values()), errors
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_peak_memory_is_bounded_by_the_chunk_not_by_positions_x_vocabulary() -> None:
+    """4,096 positions x 152k vocabulary are 2.3 GiB of float32 logits; the chunked path must stay near its chunk."""
+    n, d, vocab, chunk = 4096, 64, 151_936, 1 << 25
+    head = linear_head(d, vocab, dtype=torch.bfloat16).cuda()
+    hidden = torch.randn(n, d, device="cuda", dtype=torch.bfloat16)
+    targets = torch.randint(vocab, (n,), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    with torch.no_grad():
+        token_stats_from_hidden(hidden, head, targets, 1.0, chunk_elements=chunk)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    full_logits = n * vocab * 4
+    assert extra <= 4 * chunk * 4 + 16 * n * 4, (extra / 2 ** 20, full_logits / 2 ** 20)
