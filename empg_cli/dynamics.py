@@ -7,6 +7,7 @@ Every function takes the frame of `load_scored`: one row per step, with `source`
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -87,7 +88,7 @@ def _read_one(path: Path, label: str, prefix: bool) -> tuple[pl.DataFrame, list[
         pl.col("run", "group_id", "traj_id").cast(pl.String), pl.col("iteration", "step").cast(pl.Int64),
         pl.col(*SCORED_COLUMNS).cast(pl.Float64),
         (pl.col(text).cast(pl.String) if text else pl.lit(None, pl.String)).alias("text"),
-        file=pl.lit(label))
+        file=pl.lit(label), path=pl.lit(str(path)), row=pl.int_range(pl.len(), dtype=pl.Int64))
     label_expr = pl.concat_str([pl.format(f"{k}={{}}", pl.col(k)) for k in batch_key], separator=", ")
     if prefix:
         label_expr = pl.format(f"{label}: {{}}", label_expr)
@@ -100,7 +101,7 @@ def load_scored(paths: Sequence[Path]) -> pl.DataFrame:
     """One step frame from one or more scored Parquet files (SPEC 2.2), in file order.
 
     Columns: file, source, batch, run, iteration, group_id, traj_id, step, the scored statistics and advantages,
-    and `text` (the step's `response`, else its `prompt`, else null). `source` is the run name when that run is in
+    `text` (the step's `response`, else its `prompt`, else null), and the step's `path` and `row` in its file. `source` is the run name when that run is in
     one file only, else "file:run"; `batch` names the batch-key values (from the file's `empg` metadata, default
     run and iteration), prefixed with the file when there are several. Both are Enums in file-then-key order.
     Raises BadInput for a missing, unreadable or non-scored file.
@@ -115,7 +116,8 @@ def load_scored(paths: Sequence[Path]) -> pl.DataFrame:
     sources = frame.select("file", "source").unique().sort(pl.col("file").cast(pl.Enum(labels)), "source")["source"]
     batches = [b for _, order in read for b in order]
     return (frame.with_columns(pl.col("source").cast(pl.Enum(sources)), pl.col("batch").cast(pl.Enum(batches)))
-            .select("file", "source", "batch", "run", "iteration", *KEY_COLUMNS, *SCORED_COLUMNS, "text"))
+            .select("file", "source", "batch", "run", "iteration", *KEY_COLUMNS, *SCORED_COLUMNS, "text", "path",
+                    "row"))
 
 
 def has_model_statistics(frame: pl.DataFrame) -> bool:
@@ -214,11 +216,49 @@ def top_steps(frame: pl.DataFrame, n: int, outcome: str) -> pl.DataFrame:
     """The n lowest-entropy steps of failed trajectories (`failure`: confident mistakes) or the n highest-entropy
     steps of successful ones (`success`: uncertain successes); ties in H_t broken by the step's keys."""
     descending = outcome == "success"
-    return (frame.with_columns(OUTCOME).filter(pl.col("outcome") == outcome)
-            .sort(["step_entropy", *TRAJ, "step"], descending=[descending] + [False] * 5)
-            .head(n)
+    top = (frame.with_columns(OUTCOME).filter(pl.col("outcome") == outcome)
+           .sort(["step_entropy", *TRAJ, "step"], descending=[descending] + [False] * 5)
+           .head(n))
+    return (top.with_columns(text=decoded_responses(top))
             .select("source", "batch", "iteration", "group_id", "traj_id", "step", "step_entropy", "empg_h_norm",
                     "traj_reward", "adv_base", "adv_empg", "adv_aem", "text"))
+
+
+def decoded_responses(steps: pl.DataFrame) -> pl.Series:
+    """`text`, where a step has none, from its file's `response_ids` decoded by the tokenizer of the checkpoint
+    that scored it (named in the file's `empg` metadata); null where the file has no ids or no tokenizer is found.
+
+    Only these steps' ids are read, so a large file costs one lookup per step.
+    """
+    import pyarrow.dataset as ds
+
+    texts = steps["text"].to_list()
+    missing = steps.with_row_index("i").filter(pl.col("text").is_null())
+    for (path,), part in missing.group_by("path"):
+        if "response_ids" not in open_parquet(Path(path)).schema_arrow.names:
+            continue
+        ids = ds.dataset(path, format="parquet").take(part["row"].to_arrow(), columns=["response_ids"])
+        for i, iteration, response in zip(part["i"], part["iteration"], ids.column(0).to_pylist()):
+            tokenizer = _tokenizer(Path(path), iteration)
+            if tokenizer is not None and response is not None:
+                texts[i] = tokenizer.decode(response, skip_special_tokens=False)
+    return pl.Series("text", texts, dtype=pl.String)
+
+
+@functools.cache
+def _tokenizer(path: Path, iteration: int):
+    """The tokenizer of iteration's checkpoint: the metadata's checkpoint as recorded, else its model reference
+    relative to the file's folder (where `empg score` resolves a reference it took from the input's metadata)."""
+    model = (read_metadata(open_parquet(path).schema_arrow) or {}).get("model") or {}
+    recorded = [ref for ref, seen in (model.get("checkpoints") or {}).items() if iteration in seen.get("iterations", [])]
+    template = str(model.get("ref") or "").replace("{iteration}", str(iteration))
+    candidates = [Path(ref) for ref in recorded] + ([path.parent / template] if template else [])
+    folder = next((c for c in candidates if (c / "tokenizer_config.json").is_file() or (c / "tokenizer.json").is_file()),
+                  None)
+    if folder is None:
+        return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
 def correlations(frame: pl.DataFrame) -> pl.DataFrame:

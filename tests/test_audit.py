@@ -176,3 +176,45 @@ def test_trajectory_label_names_the_group_once() -> None:
     from empg_cli.audit import _trajectory
     assert _trajectory({"group_id": "task-7", "traj_id": "task-7/3"}) == "task-7/3"
     assert _trajectory({"group_id": "g1", "traj_id": "t3"}) == "g1/t3"
+
+
+def _entries_by_step(report: dict) -> dict[tuple, dict]:
+    return {(e["iteration"], e["group_id"], e["traj_id"], e["step"]): e
+            for e in report["confident_mistakes"] + report["uncertain_successes"]}
+
+
+def test_snippets_of_a_token_id_file_decode_its_response_ids(tmp_path: Path, tiny_model_dir: Path, monkeypatch,
+                                                             capsys) -> None:
+    """A file with ids but no text gets its snippets from the scoring checkpoint's tokenizer: the one named on the
+    command line (recorded as given), or the metadata's reference relative to the file; none once it is gone."""
+    import shutil
+
+    import numpy as np
+    from conftest import random_rollouts, write_rollouts
+    from transformers import AutoTokenizer
+
+    from empg_cli.cli import main
+    rows = random_rollouts(np.random.default_rng(11), iterations=1, groups=3)
+    ids = {(it, g, t, s): r for it, g, t, s, r in zip(rows["iteration"], rows["group_id"], rows["traj_id"],
+                                                       rows["step"], rows["response_ids"])}
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    shutil.copytree(tiny_model_dir, tmp_path / "data/ckpt/iter_0")
+    src = write_rollouts(tmp_path / "data/runs.parquet", rows, metadata={"model": {"ref": "ckpt/iter_{iteration}"}})
+
+    def audit(path: Path) -> dict:
+        assert main(["audit", str(path), "--format", "json", "--top", "3"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["score", "data/runs.parquet", "--device", "cpu"]) == 0           # model from the metadata
+    assert main(["score", str(src), "-o", "flag.parquet", "--model", "data/ckpt/iter_0", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    monkeypatch.chdir(tmp_path / "data")                                          # audit from elsewhere
+    for path in (tmp_path / "data/runs.scored.parquet", tmp_path / "flag.parquet"):
+        entries = _entries_by_step(audit(path))
+        assert len(entries) == 6
+        for key, entry in entries.items():
+            assert entry["snippet"] == snippet(tokenizer.decode(ids[key])), key
+    shutil.rmtree(tmp_path / "data/ckpt")
+    dynamics._tokenizer.cache_clear()  # a new `empg audit` process starts with none
+    assert all(e["snippet"] is None for e in _entries_by_step(audit(tmp_path / "flag.parquet")).values())
