@@ -8,7 +8,7 @@ TORCH   ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test install bench docs sample clean
+.PHONY: demo test install bench bench-gpu docs sample clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -29,6 +29,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+
+bench-gpu: $(STAMP)
+	$(BIN)/python bench/run.py --gpu
 
 sample: $(STAMP)
 	$(BIN)/python examples/make_sample.py --seed 0 --out sample_data
