@@ -258,7 +258,10 @@ def _tokenizer(path: Path, iteration: int):
     if folder is None:
         return None
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError):  # a snippet is a courtesy: an unreadable tokenizer leaves it null
+        return None
 
 
 def correlations(frame: pl.DataFrame) -> pl.DataFrame:
