@@ -527,8 +527,11 @@ def report(rows: list[Row], info: dict[str, str], details: dict[str, Any], count
         "",
         "## Unmeasured here",
         "",
-        "- The GPU path (cuda, bfloat16): `bench/run.py --gpu` measures it on a CUDA machine and writes "
-        "bench/RESULTS_GPU.md; this run covers the CPU, float32 + SDPA.",
+        "- The GPU path (cuda, bfloat16, FlashAttention-2 when installed): "
+        + ("see RESULTS_GPU.md" if (BENCH / "RESULTS_GPU.md").exists() else
+           "not measured yet, as no GPU has been available to this project; `bench/run.py --gpu` (`make bench-gpu`) "
+           "measures it on a CUDA machine and writes bench/RESULTS_GPU.md")
+        + ". This run covers the CPU, float32 + SDPA.",
         "- Real checkpoints (1.5B-32B parameters) and their hidden sizes: the models here are random and small so that "
         "the whole run fits in about 10 minutes on 2 cores.",
         f"- The naive scorer and a full `model(input_ids)` on the 16k-token, 152k-vocab trajectory: float32 logits "
