@@ -25,7 +25,8 @@ SCORED_COLUMNS = ("step_entropy", *MODEL_COLUMNS, "traj_reward", "adv_base", "em
                   "aem_w", "adv_aem")
 KEY_COLUMNS = ("group_id", "traj_id", "step")
 TEXT_COLUMNS = ("response", "prompt")
-"""Where a step's text snippet comes from: the first of these present as a string column."""
+"""Where a step's text snippet comes from: `response` text, else `response_ids` decoded (decoded_responses), else
+`prompt` text."""
 ESTIMATORS = {"base": "adv_base", "empg": "adv_empg", "aem": "adv_aem"}
 INVARIANT_TOL = 1e-6
 """Absolute tolerance of the SPEC 3 invariant checks (float64 sums of a few thousand terms sit far below it)."""
@@ -73,7 +74,9 @@ def _read_one(path: Path, label: str, prefix: bool) -> tuple[pl.DataFrame, list[
         if name not in schema.names:
             raise BadInput(path, "is missing; this is not a scored file (make one with `empg score`)", column=name)
     batch_key = _batch_key(path, schema)
-    text = next((c for c in TEXT_COLUMNS if c in schema.names and is_text(schema.field(c).type)), None)
+    texts = [c for c in TEXT_COLUMNS if c in schema.names and is_text(schema.field(c).type)]
+    # response text; else the response ids, decoded later for the few steps shown (decoded_responses); else prompt
+    text = texts[0] if texts and (texts[0] == "response" or "response_ids" not in schema.names) else None
     keep = dict.fromkeys(["run", "iteration", *KEY_COLUMNS, *SCORED_COLUMNS, *batch_key, *([text] if text else [])])
     frame = pl.from_arrow(read_table(path, columns=[c for c in keep if c in schema.names]))  # not ids or messages
     for name in KEY_COLUMNS + tuple(c for c in SCORED_COLUMNS if c not in MODEL_COLUMNS):
@@ -225,42 +228,54 @@ def top_steps(frame: pl.DataFrame, n: int, outcome: str) -> pl.DataFrame:
 
 
 def decoded_responses(steps: pl.DataFrame) -> pl.Series:
-    """`text`, where a step has none, from its file's `response_ids` decoded by the tokenizer of the checkpoint
-    that scored it (named in the file's `empg` metadata); null where the file has no ids or no tokenizer is found.
+    """`text`, where a step has none: its `response_ids` decoded by the tokenizer of the checkpoint that scored it
+    (found through the file's `empg` metadata), else its `prompt` text, else null.
 
-    Only these steps' ids are read, so a large file costs one lookup per step.
+    Only these steps' rows are read, so a large file costs one lookup per step.
     """
     import pyarrow.dataset as ds
 
     texts = steps["text"].to_list()
     missing = steps.with_row_index("i").filter(pl.col("text").is_null())
     for (path,), part in missing.group_by("path"):
-        if "response_ids" not in open_parquet(Path(path)).schema_arrow.names:
+        schema = open_parquet(Path(path)).schema_arrow
+        columns = [c for c in ("response_ids", "prompt") if c in schema.names
+                   and (c == "response_ids" or is_text(schema.field(c).type))]
+        if not columns:
             continue
-        ids = ds.dataset(path, format="parquet").take(part["row"].to_arrow(), columns=["response_ids"])
-        for i, iteration, response in zip(part["i"], part["iteration"], ids.column(0).to_pylist()):
-            tokenizer = _tokenizer(Path(path), iteration)
-            if tokenizer is not None and response is not None:
-                texts[i] = tokenizer.decode(response, skip_special_tokens=False)
+        found = ds.dataset(path, format="parquet").take(part["row"].to_arrow(), columns=columns).to_pydict()
+        for k, (i, iteration) in enumerate(zip(part["i"], part["iteration"])):
+            ids, folder = found.get("response_ids", [None] * part.height)[k], _tokenizer_folder(Path(path), iteration)
+            tokenizer = _load_tokenizer(folder) if ids is not None and folder is not None else None
+            texts[i] = (tokenizer.decode(ids, skip_special_tokens=False) if tokenizer is not None
+                        else found.get("prompt", [None] * part.height)[k])
     return pl.Series("text", texts, dtype=pl.String)
 
 
-@functools.cache
-def _tokenizer(path: Path, iteration: int):
-    """The tokenizer of iteration's checkpoint: the metadata's checkpoint as recorded, else its model reference
-    relative to the file's folder (where `empg score` resolves a reference it took from the input's metadata)."""
+def _tokenizer_folder(path: Path, iteration: int) -> Path | None:
+    """The folder holding the tokenizer of the checkpoint that scored `iteration` in the scored file `path`.
+
+    Tried in order, for the checkpoint recorded in the metadata and then its model reference: the folder as written
+    (relative to where `empg score` ran) or a hub id in the local cache, then the path relative to the file's
+    folder (where `empg score` resolves a reference taken from its input's metadata).
+    """
+    from .scoring import TOKENIZER_FILES, local_model_dir
+
     model = (read_metadata(open_parquet(path).schema_arrow) or {}).get("model") or {}
     recorded = [ref for ref, seen in (model.get("checkpoints") or {}).items() if iteration in seen.get("iterations", [])]
     template = str(model.get("ref") or "").replace("{iteration}", str(iteration))
-    candidates = [Path(ref) for ref in recorded] + ([path.parent / template] if template else [])
-    folder = next((c for c in candidates if (c / "tokenizer_config.json").is_file() or (c / "tokenizer.json").is_file()),
-                  None)
-    if folder is None:
-        return None
+    refs = [*recorded, *([template] if template else [])]
+    folders = (folder for ref in refs for folder in (local_model_dir(ref), path.parent / ref))
+    return next((f for f in folders if f is not None and any((f / n).is_file() for n in TOKENIZER_FILES)), None)
+
+
+@functools.cache
+def _load_tokenizer(folder: Path):
+    """The tokenizer in `folder`, loaded once per process; None if it cannot be read."""
     from transformers import AutoTokenizer
     try:
         return AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError):  # a snippet is a courtesy: an unreadable tokenizer leaves it null
+    except Exception:  # a snippet is a courtesy: any unreadable tokenizer leaves it to the prompt or null
         return None
 
 

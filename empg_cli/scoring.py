@@ -64,7 +64,7 @@ def weights_sha256(directory: Path) -> str:
     return digest.hexdigest()
 
 
-def _local_dir(ref: str) -> Path | None:
+def local_model_dir(ref: str) -> Path | None:
     """The folder holding a model's files: the path itself, or the hub cache's snapshot of a hub id."""
     if Path(ref).is_dir():
         return Path(ref)
@@ -124,7 +124,7 @@ def load_policy(ref: str, *, device: torch.device, dtype: torch.dtype, allow_pic
         hint = "" if allow_pickle else " (only safetensors weights load unless --allow-pickle is given)"
         raise ModelLoadError(f"cannot load model {ref}: {first}{hint}") from exc
     model.to(device).eval()
-    local = _local_dir(ref)
+    local = local_model_dir(ref)
     max_len = getattr(model.config, "max_position_embeddings", None)
     return Policy(model, tokenizer, ref, weights_sha256(local) if local else None, device, dtype, max_len,
                   model.get_input_embeddings().num_embeddings)

@@ -185,8 +185,9 @@ def _entries_by_step(report: dict) -> dict[tuple, dict]:
 
 def test_snippets_of_a_token_id_file_decode_its_response_ids(tmp_path: Path, tiny_model_dir: Path, monkeypatch,
                                                              capsys) -> None:
-    """A file with ids but no text gets its snippets from the scoring checkpoint's tokenizer: the one named on the
-    command line (recorded as given), or the metadata's reference relative to the file; none once it is gone."""
+    """Response ids are decoded by the scoring checkpoint's tokenizer, found as recorded (relative to where `empg
+    score` ran) or as the metadata's reference relative to the file; without a readable tokenizer the snippet is
+    the prompt text."""
     import shutil
 
     import numpy as np
@@ -195,26 +196,32 @@ def test_snippets_of_a_token_id_file_decode_its_response_ids(tmp_path: Path, tin
 
     from empg_cli.cli import main
     rows = random_rollouts(np.random.default_rng(11), iterations=1, groups=3)
-    ids = {(it, g, t, s): r for it, g, t, s, r in zip(rows["iteration"], rows["group_id"], rows["traj_id"],
-                                                       rows["step"], rows["response_ids"])}
+    rows["prompt"] = [f"prompt of row {i}" for i in range(len(rows["run"]))]  # carried: the ids are scored
+    key = lambda r: (r["iteration"], r["group_id"], r["traj_id"], r["step"])  # noqa: E731
+    by_step = {key(r): r for r in (dict(zip(rows, v)) for v in zip(*rows.values()))}
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     shutil.copytree(tiny_model_dir, tmp_path / "data/ckpt/iter_0")
-    src = write_rollouts(tmp_path / "data/runs.parquet", rows, metadata={"model": {"ref": "ckpt/iter_{iteration}"}})
+    write_rollouts(tmp_path / "data/runs.parquet", rows, metadata={"model": {"ref": "ckpt/iter_{iteration}"}})
 
-    def audit(path: Path) -> dict:
+    def snippets(path: Path, cwd: Path) -> dict[tuple, str | None]:
+        monkeypatch.chdir(cwd)
+        dynamics._load_tokenizer.cache_clear()  # each `empg audit` is a new process
         assert main(["audit", str(path), "--format", "json", "--top", "3"]) == 0
-        return json.loads(capsys.readouterr().out)
+        report = json.loads(capsys.readouterr().out)
+        found = {key(e): e["snippet"] for e in report["confident_mistakes"] + report["uncertain_successes"]}
+        assert len(found) == 6
+        return found
 
     monkeypatch.chdir(tmp_path)
-    assert main(["score", "data/runs.parquet", "--device", "cpu"]) == 0           # model from the metadata
-    assert main(["score", str(src), "-o", "flag.parquet", "--model", "data/ckpt/iter_0", "--device", "cpu"]) == 0
+    (tmp_path / "out").mkdir()
+    assert main(["score", "data/runs.parquet", "--device", "cpu"]) == 0                 # model from the metadata
+    assert main(["score", "data/runs.parquet", "--model", "data/ckpt/iter_0", "-o", "out/flag.parquet",
+                 "--device", "cpu"]) == 0
     capsys.readouterr()
-    monkeypatch.chdir(tmp_path / "data")                                          # audit from elsewhere
-    for path in (tmp_path / "data/runs.scored.parquet", tmp_path / "flag.parquet"):
-        entries = _entries_by_step(audit(path))
-        assert len(entries) == 6
-        for key, entry in entries.items():
-            assert entry["snippet"] == snippet(tokenizer.decode(ids[key])), key
-    shutil.rmtree(tmp_path / "data/ckpt")
-    dynamics._tokenizer.cache_clear()  # a new `empg audit` process starts with none
-    assert all(e["snippet"] is None for e in _entries_by_step(audit(tmp_path / "flag.parquet")).values())
+    decoded = lambda k: snippet(tokenizer.decode(by_step[k]["response_ids"]))  # noqa: E731
+    for path, cwd in ((tmp_path / "out/flag.parquet", tmp_path),                 # only as recorded
+                      (tmp_path / "data/runs.scored.parquet", tmp_path / "out")):  # only relative to the file
+        assert all(text == decoded(k) for k, text in snippets(path, cwd).items())
+    (tmp_path / "data/ckpt/iter_0/tokenizer.json").write_text('{"not": "a tokenizer"}')
+    prompts = snippets(tmp_path / "out/flag.parquet", tmp_path)
+    assert all(text == snippet(by_step[k]["prompt"]) for k, text in prompts.items())

@@ -3,8 +3,8 @@ rollouts whose rescored entropies equal the sampler's own logits."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +13,10 @@ import torch
 
 from empg_cli.cli import main
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from verl_rollouts import write_verl_batch  # noqa: E402
+_spec = importlib.util.spec_from_file_location(
+    "verl_rollouts", Path(__file__).resolve().parents[1] / "examples" / "verl_rollouts.py")
+verl_rollouts = importlib.util.module_from_spec(_spec)  # by path: examples/ stays off sys.path
+_spec.loader.exec_module(verl_rollouts)
 
 PAD = 0
 
@@ -46,7 +48,7 @@ def test_a_verl_batch_rescored_from_its_ids_matches_the_samplers_logits(tmp_path
     responses = torch.where(response_mask.bool(), out.sequences[:, width:], PAD)  # (B, R)
     uids = ["q0"] * samples + ["q1"] * samples
     rewards = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0])
-    path = write_verl_batch(tmp_path / "step_3.parquet", iteration=3, prompts=prompts, responses=responses,
+    path = verl_rollouts.write_verl_batch(tmp_path / "step_3.parquet", iteration=3, prompts=prompts, responses=responses,
                             attention_mask=torch.cat([prompt_mask, response_mask], dim=1), uids=uids, rewards=rewards)
 
     assert main(["score", str(path), "--model", str(tiny_model_dir), "--device", "cpu", "--temperature",
