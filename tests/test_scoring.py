@@ -94,7 +94,8 @@ def test_prefix_chained_and_batched_paths_equal_the_per_step_path(tmp_path, tiny
                   dtype="float32")
     for col in ("step_entropy", "step_renyi2", "step_grad_norm_sq", "step_grad_norm_sq_expected"):  # token means
         np.testing.assert_allclose(fast[col].to_numpy(), simple[col].to_numpy(), atol=1e-5, rtol=0)
-    per_token = np.abs(fast["step_logprob"].to_numpy() - simple["step_logprob"].to_numpy()) / fast["n_response_tokens"].to_numpy()
+    logprob_diff = np.abs(fast["step_logprob"].to_numpy() - simple["step_logprob"].to_numpy())
+    per_token = logprob_diff / fast["n_response_tokens"].to_numpy()
     assert per_token.max() <= 1e-5  # a sum over the step's tokens: 1e-5 per token
 
 
