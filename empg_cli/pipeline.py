@@ -10,13 +10,12 @@ import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
 from . import __version__
 from .advantages import ADVANTAGE_COLUMNS, compute_advantages
@@ -25,9 +24,10 @@ from .errors import BadInput, BadUsage
 from .rollouts import (ROW, ROWS_PER_CHUNK, Rollouts, check_output_path, open_parquet, read_metadata, read_rollouts,
                        read_table, sha256_file, write_columns_atomic)
 from .schema import GROUP_KEYS, SCHEMA_VERSION, TRAJ_KEYS
-from .scoring import Policy, load_policy, resolve_device, resolve_dtype, score_units
 from .sequences import TokenRows, check_vocabulary, plan_units, token_rows
-from .stats import TokenStats
+
+if TYPE_CHECKING:
+    from .scoring import Policy
 
 MODEL_COLUMNS = ["step_renyi2", "step_logprob", "step_grad_norm_sq", "step_grad_norm_sq_expected"]
 
@@ -120,6 +120,7 @@ class _Checkpoints:
     """Loads the checkpoint each chunk needs, keeping one in memory, and records their provenance."""
 
     def __init__(self, cfg: ScoreConfig, progress: Progress) -> None:
+        from .scoring import resolve_device, resolve_dtype  # torch is imported only when a model is needed
         self.cfg, self.progress = cfg, progress
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
@@ -127,6 +128,7 @@ class _Checkpoints:
         self.provenance: dict[str, dict[str, Any]] = {}
 
     def get(self, ref: str, iterations: list[int]) -> Policy:
+        from .scoring import load_policy
         if self.current is None or self.current.ref != ref:
             self.progress.note(f"loading {ref}")
             self.current = None  # free the previous weights before loading the next
@@ -141,6 +143,10 @@ class _Checkpoints:
 def _model_statistics(rollouts: Rollouts, cfg: ScoreConfig, progress: Progress, rows_per_chunk: int,
                       ) -> tuple[dict[str, np.ndarray], TokenLists | None, dict[str, Any]]:
     """Rescore every step with its iteration's checkpoint: step arrays, per-token lists, model provenance."""
+    import torch
+
+    from .scoring import score_units
+    from .stats import TokenStats
     n = rollouts.steps.height
     refs = _model_refs(rollouts, cfg)
     checkpoints = _Checkpoints(cfg, progress)
