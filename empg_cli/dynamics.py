@@ -259,12 +259,13 @@ def _tokenizer_folder(path: Path, iteration: int) -> Path | None:
     (relative to where `empg score` ran) or a hub id in the local cache, then the path relative to the file's
     folder (where `empg score` resolves a reference taken from its input's metadata).
     """
-    from .scoring import TOKENIZER_FILES, local_model_dir
-
     model = (read_metadata(open_parquet(path).schema_arrow) or {}).get("model") or {}
     recorded = [ref for ref, seen in (model.get("checkpoints") or {}).items() if iteration in seen.get("iterations", [])]
     template = str(model.get("ref") or "").replace("{iteration}", str(iteration))
     refs = [*recorded, *([template] if template else [])]
+    if not refs:  # entropies from the logs: no model, and no torch import for nothing
+        return None
+    from .scoring import TOKENIZER_FILES, local_model_dir
     folders = (folder for ref in refs for folder in (local_model_dir(ref), path.parent / ref))
     return next((f for f in folders if f is not None and any((f / n).is_file() for n in TOKENIZER_FILES)), None)
 

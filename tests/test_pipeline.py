@@ -220,3 +220,23 @@ def test_cli_scores_on_the_requested_device_with_its_default_dtype(tmp_path, tin
     np.testing.assert_allclose(got["step_entropy"].to_numpy(), want["step_entropy"].to_numpy(),
                                atol=1e-5 if device == "cpu" else 0.1)
     assert got["step_entropy"].dtype == pl.Float64
+
+
+def test_commands_without_a_model_never_import_torch(tmp_path):
+    """Logged-entropy `score`, `advantages`, `audit`, `validate` and `plot` need no model: importing torch would
+    cost a sweep over many `empg advantages` calls more than the advantages themselves."""
+    import subprocess
+    import sys
+    rows = random_rollouts(np.random.default_rng(9))
+    rows["token_entropy"] = [[0.5] * len(r) for r in rows["response_ids"]]
+    src = write_rollouts(tmp_path / "in.parquet", rows)
+    scored, redone = tmp_path / "in.scored.parquet", tmp_path / "redone.parquet"
+    commands = [["score", str(src), "--entropy-source", "logged"], ["advantages", str(scored), "-o", str(redone)],
+                ["audit", str(scored), "--format", "json"], ["validate", str(scored)],
+                ["plot", "dynamics", str(scored), "--out-dir", str(tmp_path / "plots")]]
+    script = ("import sys\nfrom empg_cli.cli import main\n"
+              f"for argv in {commands!r}:\n"
+              "    assert main(argv) == 0, argv\n"
+              "    assert 'torch' not in sys.modules, argv\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
