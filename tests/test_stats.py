@@ -211,17 +211,22 @@ def chunk_elements_for(label: str, n: int, vocab: int) -> int:
 CHUNKS = ["1", "7", "7 rows", "one short of all", "big"]
 
 
-@pytest.mark.parametrize("chunk", CHUNKS)
-@pytest.mark.parametrize("temperature", [1.0, 0.55])
-def test_chunked_is_bit_identical_when_the_head_is_exact(chunk: str, temperature: float) -> None:
-    """Integer weights and inputs make every logit exact whatever rows BLAS sees: chunking must change nothing."""
-    n, d, vocab = 23, 16, 97
-    gen = torch.Generator().manual_seed(1)
+def exact_head(n: int, d: int, vocab: int, seed: int) -> tuple[torch.nn.Linear, torch.Tensor, torch.Tensor]:
+    """(head, hidden (N, d), targets (N,)) with small integer weights and inputs: every logit is an integer of at
+    most 96 in magnitude, exact in float32 and bfloat16 whatever rows and kernel a matmul sees."""
+    gen = torch.Generator().manual_seed(seed)
     head = torch.nn.Linear(d, vocab, bias=False)
     with torch.no_grad():
         head.weight.copy_(torch.randint(-3, 4, (vocab, d), generator=gen).float())
-    hidden = torch.randint(-2, 3, (n, d), generator=gen).float()                 # (N, d)
-    targets = torch.randint(vocab, (n,), generator=gen)
+    return head, torch.randint(-2, 3, (n, d), generator=gen).float(), torch.randint(vocab, (n,), generator=gen)
+
+
+@pytest.mark.parametrize("chunk", CHUNKS)
+@pytest.mark.parametrize("temperature", [1.0, 0.55])
+def test_chunked_is_bit_identical_when_the_head_is_exact(chunk: str, temperature: float) -> None:
+    """With exact logits (whatever rows BLAS sees) chunking must change nothing."""
+    n, d, vocab = 23, 16, 97
+    head, hidden, targets = exact_head(n, d, vocab, seed=1)
     with torch.no_grad():
         whole = token_stats_from_logits(head(hidden), targets, temperature)
         chunked = token_stats_from_hidden(hidden, head, targets, temperature,
@@ -292,15 +297,9 @@ def test_empty_input() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_head_chunks_on_device_match_float64_reference_at_a_152k_vocabulary(device: str, dtype: torch.dtype) -> None:
-    """The device path (cuda kernels where a GPU is present) against float64. Small integer weights and inputs make
-    every logit exact in bfloat16 too, whatever kernel and row count the device's matmul picks for a chunk."""
+    """The device path (cuda kernels where a GPU is present) against float64, on exact logits in both dtypes."""
     n, d, vocab = 6, 16, 151_936
-    gen = torch.Generator().manual_seed(7)
-    head = torch.nn.Linear(d, vocab, bias=False)
-    with torch.no_grad():
-        head.weight.copy_(torch.randint(-3, 4, (vocab, d), generator=gen).float())
-    hidden = torch.randint(-2, 3, (n, d), generator=gen).float()                  # (N, d)
-    targets = torch.randint(vocab, (n,), generator=gen)
+    head, hidden, targets = exact_head(n, d, vocab, seed=7)
     with torch.no_grad():
         logits = hidden.double() @ head.weight.double().T                        # (N, V) exact integers
         stats = token_stats_from_hidden(hidden.to(device, dtype), head.to(device, dtype), targets.to(device), 0.7,
