@@ -230,12 +230,13 @@ def validate(
     with _reported(debug):
         from .config import AdvantageConfig
         from .rollouts import open_parquet, read_rollouts
+        from .schema import GROUP_KEYS, TRAJ_KEYS
         scored = "step_entropy" in open_parquet(input).schema_arrow.names
         rollouts = read_rollouts(input, AdvantageConfig(), scored=scored)
         steps = rollouts.steps
         typer.echo(f"ok: {input} is a valid {'scored' if scored else 'rollouts'} file: {steps.height:,} rows, "
-                   f"{steps.select('run', 'iteration', 'group_id', 'traj_id').n_unique():,} trajectories, "
-                   f"{steps.select('run', 'iteration', 'group_id').n_unique():,} groups, "
+                   f"{steps.select(TRAJ_KEYS).n_unique():,} trajectories, "
+                   f"{steps.select(GROUP_KEYS).n_unique():,} groups, "
                    f"{steps['iteration'].n_unique()} iteration(s); input '{rollouts.input_column}', "
                    f"output '{rollouts.output_column}'")
 

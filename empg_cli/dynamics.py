@@ -244,11 +244,13 @@ def decoded_responses(steps: pl.DataFrame) -> pl.Series:
         if not columns:
             continue
         found = ds.dataset(path, format="parquet").take(part["row"].to_arrow(), columns=columns).to_pydict()
-        for k, (i, iteration) in enumerate(zip(part["i"], part["iteration"])):
-            ids, folder = found.get("response_ids", [None] * part.height)[k], _tokenizer_folder(Path(path), iteration)
+        none = [None] * part.height
+        folders = {it: _tokenizer_folder(Path(path), it) for it in part["iteration"].unique()}
+        for i, iteration, ids, prompt in zip(part["i"], part["iteration"], found.get("response_ids", none),
+                                             found.get("prompt", none)):
+            folder = folders[iteration]
             tokenizer = _load_tokenizer(folder) if ids is not None and folder is not None else None
-            texts[i] = (tokenizer.decode(ids, skip_special_tokens=False) if tokenizer is not None
-                        else found.get("prompt", [None] * part.height)[k])
+            texts[i] = tokenizer.decode(ids, skip_special_tokens=False) if tokenizer is not None else prompt
     return pl.Series("text", texts, dtype=pl.String)
 
 

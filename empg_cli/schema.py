@@ -21,9 +21,10 @@ def load_schema(name: str) -> dict[str, Any]:
     return json.loads(files("empg_cli").joinpath("schemas", f"{name}.v{SCHEMA_VERSION}.json").read_text())
 
 
-TRAJ_KEYS: list[str] = load_schema("rollouts")["keys"]["trajectory"]
+_KEYS = load_schema("rollouts")["keys"]
+TRAJ_KEYS: list[str] = _KEYS["trajectory"]
 """Columns identifying a trajectory: run, iteration, group_id, traj_id."""
-GROUP_KEYS: list[str] = load_schema("rollouts")["keys"]["group"]
+GROUP_KEYS: list[str] = _KEYS["group"]
 """Columns identifying a group (trajectories of one task at one iteration): run, iteration, group_id."""
 
 

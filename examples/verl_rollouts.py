@@ -36,9 +36,8 @@ def verl_batch_table(*, iteration: int, prompts, responses, attention_mask, uids
                      run: str = "default") -> pa.Table:
     """One rollouts row per sample: padding removed from prompt and response ids, `group_id` = uid, `traj_id` =
     the sample's index within its group (in batch order), `step` = 0, `reward` = the sequence's total score."""
-    prompts, responses, mask = (np.asarray(x.cpu() if hasattr(x, "cpu") else x) for x in
-                                (prompts, responses, attention_mask))
-    rewards = np.asarray(rewards.cpu() if hasattr(rewards, "cpu") else rewards, dtype=np.float64)
+    prompts, responses, mask, rewards = (np.asarray(x.cpu() if hasattr(x, "cpu") else x) for x in
+                                         (prompts, responses, attention_mask, rewards))
     width = prompts.shape[1]
     prompt_mask, response_mask = mask[:, :width].astype(bool), mask[:, width:].astype(bool)
     seen: dict[str, int] = defaultdict(int)
