@@ -128,7 +128,7 @@ def compute_advantages(steps: pl.DataFrame, cfg: AdvantageConfig) -> pl.DataFram
     """ADVANTAGE_COLUMNS for a step frame, in the frame's row order.
 
     `steps` has the trajectory keys, `step`, `reward`, `step_entropy`, the batch-key columns and, for
-    `--estimator column`, `advantage`; rewards are validated (rollouts.read_rollouts) beforehand.
+    `--estimator column`, `advantage`; rewards are validated (rollouts.open_rollouts) beforehand.
     """
     frame = (pl.concat([steps, _trajectory_structure(steps, list(cfg.batch_key))], how="horizontal")
              .with_columns(trajectory_reward(cfg.reward_agg))

@@ -229,10 +229,10 @@ def validate(
     """Check a file against its schema (a scored file is recognised by its columns)."""
     with _reported(debug):
         from .config import AdvantageConfig
-        from .rollouts import open_parquet, read_rollouts
+        from .rollouts import open_parquet, open_rollouts
         from .schema import GROUP_KEYS, TRAJ_KEYS
         scored = "step_entropy" in open_parquet(input).schema_arrow.names
-        rollouts = read_rollouts(input, AdvantageConfig(), scored=scored)
+        rollouts = open_rollouts(input, AdvantageConfig(), scored=scored)
         steps = rollouts.steps
         typer.echo(f"ok: {input} is a valid {'scored' if scored else 'rollouts'} file: {steps.height:,} rows, "
                    f"{steps.select(TRAJ_KEYS).n_unique():,} trajectories, "

@@ -21,10 +21,11 @@ from . import __version__
 from .advantages import ADVANTAGE_COLUMNS, compute_advantages
 from .config import AdvantageConfig, ScoreConfig, advantage_config_from, config_to_dict
 from .errors import BadInput, BadUsage
-from .rollouts import (ROW, ROWS_PER_CHUNK, Rollouts, check_output_path, open_parquet, read_metadata, read_rollouts,
+from .rollouts import (ROWS_PER_CHUNK, Rollouts, check_output_path, open_parquet, open_rollouts, read_metadata,
                        read_table, sha256_file, write_columns_atomic)
 from .schema import GROUP_KEYS, SCHEMA_VERSION, TRAJ_KEYS
 from .sequences import TokenRows, check_vocabulary, plan_units, token_rows
+from .validation import ROW
 
 if TYPE_CHECKING:
     from .scoring import Policy
@@ -270,7 +271,7 @@ def score_file(input_path: Path, output_path: Path, score: ScoreConfig, advantag
     progress = progress or Progress()
     check_output_path(input_path, output_path, overwrite)
     started = time.perf_counter()
-    rollouts = read_rollouts(input_path, advantages, entropy_source=score.entropy_source)
+    rollouts = open_rollouts(input_path, advantages, entropy_source=score.entropy_source)
     if score.temperature is None:
         score = replace(score, temperature=float((rollouts.metadata or {}).get("temperature", 1.0)))
     model_info, lists = None, None
@@ -299,7 +300,7 @@ def advantages_file(input_path: Path, output_path: Path, overrides: dict[str, An
     check_output_path(input_path, output_path, overwrite)
     stored = (read_metadata(open_parquet(input_path).schema_arrow) or {}).get("advantages")
     advantages = advantage_config_from(stored, **overrides)
-    rollouts = read_rollouts(input_path, advantages, scored=True)
+    rollouts = open_rollouts(input_path, advantages, scored=True)
     stats = read_table(input_path, ["step_entropy", "n_response_tokens"])
     entropy = stats.column("step_entropy").to_numpy()
     steps = rollouts.steps.with_columns(step_entropy=pl.Series(entropy))

@@ -19,9 +19,9 @@ import pyarrow.parquet as pq
 from .config import AdvantageConfig
 from .errors import BadInput, BadUsage
 from .schema import TRAJ_KEYS, check_column_types, check_required_columns, is_text, load_schema
+from .validation import check_steps, check_value_per_trajectory, first_true, key_frame
 
 METADATA_KEY = b"empg"
-ROW = "_row"  # 0-based row index of the input file; every error message counts rows this way
 
 
 ROWS_PER_CHUNK = 16384
@@ -83,96 +83,21 @@ def read_metadata(source: pa.Table | pa.Schema) -> dict[str, Any] | None:
     return json.loads(raw) if raw else None
 
 
-def _first(mask: pl.Series) -> int | None:
-    """Index of the first True in a boolean series, or None."""
-    hits = mask.fill_null(False).arg_true()
-    return int(hits[0]) if len(hits) else None
-
-
-def _describe_traj(row: dict[str, Any]) -> str:
-    return "(" + ", ".join(f"{k}={row[k]!r}" for k in TRAJ_KEYS) + ")"
-
-
-def _key_frame(table: pa.Table, path: Path, extra: tuple[str, ...]) -> pl.DataFrame:
-    """The key columns as polars, defaults filled for absent run/iteration, nulls in ids rejected."""
-    n = table.num_rows
-    cols: dict[str, Any] = {ROW: np.arange(n, dtype=np.int64)}
-    for name in (*TRAJ_KEYS, "step", "reward", "advantage", *extra):
-        if name in table.column_names:
-            cols[name] = pl.from_arrow(table.column(name))
-    frame = pl.DataFrame(cols)
-    if "run" not in frame.columns:
-        frame = frame.with_columns(run=pl.lit("default"))
-    if "iteration" not in frame.columns:
-        frame = frame.with_columns(iteration=pl.lit(0, pl.Int64))
-    frame = frame.with_columns(pl.col("run", "group_id", "traj_id").cast(pl.String), pl.col("iteration", "step").cast(pl.Int64),
-                               pl.col("^(reward|advantage)$").cast(pl.Float64))
-    for name in (*TRAJ_KEYS, "step", *extra):
-        row = _first(frame[name].is_null())
-        if row is not None:
-            raise BadInput(path, "is null; ids and keys must be set on every row", column=name, row=row)
-    return frame
-
-
-def _check_steps(frame: pl.DataFrame, path: Path) -> None:
-    """Steps are 0..T-1 with no duplicates and no gaps in every trajectory."""
-    row = _first(frame["step"] < 0)
-    if row is not None:
-        raise BadInput(path, f"step is {frame['step'][row]}; steps are 0-based", column="step", row=row)
-    dup = _first(frame.select(pl.struct(*TRAJ_KEYS, "step").is_duplicated()).to_series())
-    if dup is not None:
-        first = frame.filter(pl.all_horizontal(pl.col(k) == frame[k][dup] for k in (*TRAJ_KEYS, "step")))
-        raise BadInput(path, f"step {frame['step'][dup]} appears twice in this trajectory (rows "
-                             f"{', '.join(map(str, first[ROW].to_list()[:5]))})", column="step",
-                       trajectory=_describe_traj(frame.row(dup, named=True)), row=int(first[ROW][0]))
-    gaps = (frame.group_by(TRAJ_KEYS, maintain_order=True)
-            .agg(pl.col(ROW).min(), pl.col("step").max().alias("last"), pl.len().alias("n"),
-                 pl.col("step").sort().alias("steps"))
-            .filter(pl.col("last") != pl.col("n") - 1))
-    if gaps.height:
-        bad = gaps.row(0, named=True)
-        shown = ", ".join(map(str, bad["steps"][:8])) + (", ..." if len(bad["steps"]) > 8 else "")
-        raise BadInput(path, f"steps are {shown}; expected 0..{bad['n'] - 1} with no gaps", column="step",
-                       trajectory=_describe_traj(bad), row=bad[ROW])
-
-
-def _check_value_per_trajectory(frame: pl.DataFrame, path: Path, column: str, reward_agg: str | None) -> None:
-    """Finite values; at least one per trajectory; equal within the trajectory unless summed."""
-    row = _first(frame[column].is_nan() | frame[column].is_infinite())
-    if row is not None:
-        raise BadInput(path, f"{column} is {frame[column][row]}; must be a finite number", column=column, row=row)
-    per_traj = frame.group_by(TRAJ_KEYS, maintain_order=True).agg(
-        pl.col(ROW).min(), pl.col(column).drop_nulls().n_unique().alias("distinct"),
-        pl.col(column).drop_nulls().unique(maintain_order=True).head(3).alias("values"))
-    missing = per_traj.filter(pl.col("distinct") == 0)
-    if missing.height:
-        bad = missing.row(0, named=True)
-        raise BadInput(path, f"{column} is null on every step of this trajectory", column=column,
-                       trajectory=_describe_traj(bad), row=bad[ROW])
-    if reward_agg != "sum":
-        unequal = per_traj.filter(pl.col("distinct") > 1)
-        if unequal.height:
-            bad = unequal.row(0, named=True)
-            hint = "; pass --reward-agg sum to sum per-step rewards" if column == "reward" else ""
-            raise BadInput(path, f"{column} differs within this trajectory ({', '.join(map(str, bad['values']))})"
-                                 f"{hint}", column=column, trajectory=_describe_traj(bad), row=bad[ROW])
-
-
 def _check_nonempty(table: pa.Table, path: Path, column: str, offset: int) -> None:
     """No nulls, no empty strings or lists in the chosen prompt/response column (rows from `offset`)."""
     array = table.column(column)
-    row = _first(pl.from_arrow(array.is_null()))
+    row = first_true(pl.from_arrow(array.is_null()))
     if row is not None:
         raise BadInput(path, "is null", column=column, row=offset + row)
     lengths = pc.utf8_length(array) if is_text(array.type) else pc.list_value_length(array)
-    row = _first(pl.from_arrow(pc.equal(lengths, 0)))
+    row = first_true(pl.from_arrow(pc.equal(lengths, 0)))
     if row is not None:
         raise BadInput(path, "is empty; every step needs at least one token here", column=column, row=offset + row)
     if column == "messages":
         flat = pc.list_flatten(array)
         for part in ("role", "content"):
             nulls = pc.is_null(pc.struct_field(flat, part))
-            hit = _first(pl.from_arrow(nulls))
+            hit = first_true(pl.from_arrow(nulls))
             if hit is not None:
                 parent = pc.list_parent_indices(array).to_numpy()[hit]
                 raise BadInput(path, f"a message has a null {part}", column=column, row=offset + int(parent))
@@ -182,7 +107,7 @@ def _check_token_entropy(table: pa.Table, path: Path, required: bool, offset: in
     """Logged entropies (rows from `offset`): finite, >= 0, one per response token when response_ids say how many."""
     array = table.column("token_entropy")
     if required:
-        row = _first(pl.from_arrow(pc.or_kleene(array.is_null(), pc.equal(pc.list_value_length(array), 0))))
+        row = first_true(pl.from_arrow(pc.or_kleene(array.is_null(), pc.equal(pc.list_value_length(array), 0))))
         if row is not None:
             raise BadInput(path, "has no entropies on this row; --entropy-source logged needs them on every row",
                            column="token_entropy", row=offset + row)
@@ -195,13 +120,13 @@ def _check_token_entropy(table: pa.Table, path: Path, required: bool, offset: in
     if "response_ids" in table.column_names:
         n_entropies = pc.list_value_length(array)
         n_ids = pc.list_value_length(table.column("response_ids"))
-        row = _first(pl.from_arrow(pc.and_(pc.is_valid(array), pc.not_equal(n_entropies, n_ids))))
+        row = first_true(pl.from_arrow(pc.and_(pc.is_valid(array), pc.not_equal(n_entropies, n_ids))))
         if row is not None:
             raise BadInput(path, f"has {n_entropies[row]} entropies for {n_ids[row]} response_ids",
                            column="token_entropy", row=offset + row)
 
 
-def read_rollouts(path: Path, advantages: AdvantageConfig, *, entropy_source: str = "model",
+def open_rollouts(path: Path, advantages: AdvantageConfig, *, entropy_source: str = "model",
                   scored: bool = False) -> Rollouts:
     """Read and validate a rollouts file (or, with `scored`, a scored file) per SPEC 2.1.
 
@@ -231,11 +156,11 @@ def read_rollouts(path: Path, advantages: AdvantageConfig, *, entropy_source: st
                              "(per-token entropies logged at generation time)")
     extra = tuple(k for k in advantages.batch_key if k not in TRAJ_KEYS and k != "step")
     keys = [c for c in (*TRAJ_KEYS, "step", "reward", *extra, "advantage") if c in schema.names]
-    frame = _key_frame(read_table(path, keys), path, tuple(dict.fromkeys(extra)))
-    _check_steps(frame, path)
-    _check_value_per_trajectory(frame, path, "reward", advantages.reward_agg)
+    frame = key_frame(read_table(path, keys), path, tuple(dict.fromkeys(extra)))
+    check_steps(frame, path)
+    check_value_per_trajectory(frame, path, "reward", advantages.reward_agg)
     if advantages.estimator == "column":
-        _check_value_per_trajectory(frame, path, "advantage", None)
+        check_value_per_trajectory(frame, path, "advantage", None)
     rollouts = Rollouts(path, schema, frame, input_column, output_column, read_metadata(schema))
     if not scored:
         content = [input_column, output_column] + [c for c in ("response_ids", "token_entropy") if c in schema.names]
