@@ -212,7 +212,7 @@ def audit(
 ) -> None:
     """Credit-assignment report: confident/uncertain x success/failure, top cases, invariants, correlations."""
     with _reported(debug):
-        from .audit import build_audit, render_audit
+        from .credit_report import build_audit, render_audit
         from .dynamics import load_scored
         rendered = render_audit(build_audit(load_scored([input]), top=top), fmt)
         if isinstance(rendered, str):

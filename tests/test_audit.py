@@ -11,7 +11,7 @@ from rich.console import Console
 from test_dynamics import by, records, reference_quadrants, scored_steps, write_scored
 
 from empg_cli import dynamics
-from empg_cli.audit import build_audit, render_audit, snippet
+from empg_cli.credit_report import build_audit, render_audit, snippet
 from empg_cli.errors import BadUsage
 
 ENTRY_KEYS = {"source", "batch", "iteration", "group_id", "traj_id", "step", "step_entropy", "empg_h_norm",
@@ -173,7 +173,7 @@ def test_several_files_keep_their_batches_apart(tmp_path: Path) -> None:
 
 
 def test_trajectory_label_names_the_group_once() -> None:
-    from empg_cli.audit import _trajectory
+    from empg_cli.credit_report import _trajectory
     assert _trajectory({"group_id": "task-7", "traj_id": "task-7/3"}) == "task-7/3"
     assert _trajectory({"group_id": "g1", "traj_id": "t3"}) == "g1/t3"
 
