@@ -23,6 +23,7 @@ demo: $(STAMP)
 	$(BIN)/empg score sample_data/rollouts.parquet --overwrite
 	$(BIN)/empg plot dynamics sample_data/rollouts.scored.parquet --out-dir plots
 	$(BIN)/empg audit sample_data/rollouts.scored.parquet --top 3
+	$(BIN)/empg report sample_data/rollouts.scored.parquet -o report.html --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2
@@ -40,4 +41,4 @@ docs: $(STAMP)
 	$(BIN)/python docs/cli_reference.py
 
 clean:
-	rm -rf $(VENV) plots sample_data/rollouts.scored.parquet
+	rm -rf $(VENV) plots sample_data/rollouts.scored.parquet report.html

@@ -221,6 +221,20 @@ def audit(
             out.print(rendered)
 
 
+@app.command(epilog="Example: empg report runs.scored.parquet -o report.html")
+def report(
+    input: Path = typer.Argument(..., help="A scored Parquet from `empg score` (--token-level colours each token)."),
+    output: Path = typer.Option(Path("report.html"), "-o", "--output", help="The HTML file to write."),
+    overwrite: bool = OVERWRITE,
+    top: int = typer.Option(10, "--top", min=0, help="How many confident mistakes and uncertain successes to list."),
+    debug: bool = DEBUG,
+) -> None:
+    """One self-contained HTML report: figures, audit and a trajectory explorer (opens offline in any browser)."""
+    with _reported(debug):
+        from .report import write_report
+        typer.echo(f"wrote {write_report(input, output, overwrite=overwrite, top=top)}")
+
+
 @app.command(epilog="Example: empg validate runs.parquet")
 def validate(
     input: Path = typer.Argument(..., help="A rollouts or scored Parquet file."),

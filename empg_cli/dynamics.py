@@ -254,6 +254,13 @@ def decoded_responses(steps: pl.DataFrame) -> pl.Series:
     return pl.Series("text", texts, dtype=pl.String)
 
 
+def tokenizer_for(path: Path, iteration: int):
+    """The tokenizer of the checkpoint that scored `iteration` in the scored file `path`; None when the entropies
+    were logged (no model) or no readable tokenizer is found."""
+    folder = _tokenizer_folder(path, iteration)
+    return None if folder is None else _load_tokenizer(folder)
+
+
 def _tokenizer_folder(path: Path, iteration: int) -> Path | None:
     """The folder holding the tokenizer of the checkpoint that scored `iteration` in the scored file `path`.
 

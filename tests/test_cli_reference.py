@@ -24,7 +24,7 @@ def test_every_command_is_documented_with_an_example():
     generator = _generator()
     page = generator.TARGET.read_text()
     paths = generator.command_paths()
-    assert {" ".join(p) for p in paths} >= {"score", "advantages", "plot", "plot dynamics", "audit", "validate",
+    assert {" ".join(p) for p in paths} >= {"score", "advantages", "plot", "plot dynamics", "audit", "report", "validate",
                                             "schema"}
     for path in paths:
         section = page.split(f"## empg {' '.join(path)}\n", 1)[1].split("\n## ", 1)[0]

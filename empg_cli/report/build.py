@@ -1,0 +1,255 @@
+"""The self-contained HTML report of `empg report`: figures, audit and a trajectory explorer in one file.
+
+The page is report.html with report.css, report.js and one JSON document inlined: nothing is loaded from outside
+(its Content-Security-Policy forbids it). The document is columnar — one array per column, steps sorted by
+trajectory then step — so that a 100k-step file parses at once and the script renders only what is on screen.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+import tempfile
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import polars as pl
+
+from .. import dynamics, plots
+from ..audit import _sections, _summary, build_audit
+from ..rollouts import check_output_path, open_parquet, read_table
+from ..schema import is_text
+from .tokens import token_pieces
+
+TOP = 10
+"""Confident mistakes and uncertain successes listed by default."""
+INPUT_CHARS = 2000
+"""A step's new input (what the policy saw since its previous response) is cut to its last this many characters."""
+DIGITS = 6
+"""Significant digits of the step statistics in the page (the table shows 4, a cell's tooltip all 6)."""
+TOKEN_DIGITS = 3
+"""Significant digits of token entropies (they only pick a colour and a tooltip)."""
+STEP_COLUMNS = {"H": "step_entropy", "A_base": "adv_base", "A_empg": "adv_empg", "A_aem": "adv_aem",
+                "g": "empg_g", "w": "aem_w"}
+QUADRANTS = [f"{c} · {o}" for c in dynamics.CERTAINTIES.categories for o in dynamics.OUTCOMES.categories]
+"""Audit quadrants (batch H_norm tercile × outcome), coded 0..3 in this order; 4 is the middle tercile."""
+MIDDLE = "middle third"
+SCALE = ("#f7fbff", "#deebf7", "#c6dbef", "#9ecae1", "#6baed6", "#4292c6", "#2171b5", "#08519c", "#08306b")
+"""ColorBrewer Blues: one hue from light to dark, so order reads from lightness alone (colour-blind safe)."""
+
+
+CAPTIONS = {"entropy_drift": "Entropy drift: mean step entropy per iteration, successful and failed trajectories, "
+                             "and early / middle / late steps (entropy_drift.png of `empg plot dynamics`).",
+            "grad_norm": "Gradient norm against step entropy with EMPG's Proposition 1, and the effective update "
+                         "magnitude |A|·‖∇‖ per entropy decile for base, EMPG and AEM (grad_norm.png)."}
+
+
+def _rounded(values: list[float | None], digits: int) -> list[float | None]:
+    """Floats cut to `digits` significant digits for a compact page; NaN and null become null."""
+    return [None if v is None or math.isnan(v) else float(f"{v:.{digits}g}") for v in values]
+
+
+def _extra_columns(path: Path, rows: pl.Series) -> dict[str, list]:
+    """The response text, token ids, token entropies and prompt of the given rows of the file, where present."""
+    schema = open_parquet(path).schema_arrow
+    wanted = {"response": True, "prompt": True, "response_ids": False, "prompt_ids": False, "token_entropy": False}
+    columns = [c for c, text in wanted.items() if c in schema.names and is_text(schema.field(c).type) == text]
+    if not columns:
+        return {}
+    table = pl.from_arrow(read_table(path, columns=columns))
+    return table[rows.to_list()].to_dict(as_series=False)
+
+
+def _new_input(prompt, previous_prompt, previous_response):
+    """What the policy saw since its previous response: the prompt past the previous prompt and response when it
+    extends them (a chained multi-turn prompt), else the whole prompt. Works on text and on id lists."""
+    if previous_prompt is not None:
+        for before in (previous_prompt + previous_response if previous_response is not None else None,
+                       previous_prompt):
+            if before is not None and len(before) <= len(prompt) and prompt[:len(before)] == before:
+                return prompt[len(before):]
+    return prompt
+
+
+def _inputs(steps: pl.DataFrame, extra: dict[str, list], tokenizers: dict[int, Any]) -> list[str | None]:
+    """Each step's new input as text, cut to its last INPUT_CHARS characters (a leading … marks a cut)."""
+    if "prompt" in extra:
+        prompts, responses = extra["prompt"], extra.get("response") or [None] * steps.height
+    elif "prompt_ids" in extra:
+        prompts, responses = extra["prompt_ids"], extra.get("response_ids") or [None] * steps.height
+    else:
+        return [None] * steps.height
+    first = steps["step"].to_list()
+    parts = [_new_input(p, None if first[i] == 0 else prompts[i - 1], None if first[i] == 0 else responses[i - 1])
+             if p is not None else None for i, p in enumerate(prompts)]
+    if "prompt" not in extra:  # ids: decode each step's new part with its iteration's tokenizer
+        iterations = steps["iteration"].to_list()
+        parts = [tokenizers[it].decode(p, skip_special_tokens=False) if p is not None and tokenizers.get(it)
+                 else None for p, it in zip(parts, iterations)]
+    return [None if p is None else p if len(p) <= INPUT_CHARS else "…" + p[-INPUT_CHARS:] for p in parts]
+
+
+def _tokens(steps: pl.DataFrame, extra: dict[str, list], tokenizers: dict[int, Any]) -> dict[str, Any]:
+    """Token pieces and entropies of the steps whose token_entropy has one value per response token.
+
+    Columnar: `start[i]:start[i+1]` are step i's tokens in `piece` (an index into `pieces`) and `entropy` (nats);
+    a step without token-level entropies (or without a tokenizer to split its text) has none.
+    """
+    n = steps.height
+    entropies = extra.get("token_entropy") or [None] * n
+    ids = extra.get("response_ids")
+    iterations = steps["iteration"].to_list()
+    per_step: list[list[str] | None] = [None] * n
+    for iteration, tokenizer in tokenizers.items():
+        if tokenizer is None:
+            continue
+        rows = [i for i in range(n) if iterations[i] == iteration and entropies[i] is not None]
+        if ids is not None:
+            rows = [i for i in rows if ids[i] is not None]
+            responses = [ids[i] for i in rows]
+        elif "response" in extra:
+            rows = [i for i in rows if extra["response"][i] is not None]
+            responses = tokenizer([extra["response"][i] for i in rows], add_special_tokens=False)["input_ids"]
+        else:
+            continue
+        for i, pieces in zip(rows, token_pieces(tokenizer, responses)):
+            if len(pieces) == len(entropies[i]):
+                per_step[i] = pieces
+    index: dict[str, int] = {}
+    start, piece, entropy = [0], [], []
+    for i, pieces in enumerate(per_step):
+        if pieces is not None:
+            piece += [index.setdefault(p, len(index)) for p in pieces]
+            entropy += _rounded(entropies[i], TOKEN_DIGITS)
+        start.append(len(piece))
+    return {"pieces": list(index), "start": start, "piece": piece, "entropy": entropy,
+            "has_tokens": [p is not None for p in per_step]}
+
+
+def _texts(steps: pl.DataFrame, extra: dict[str, list], tokenizers: dict[int, Any], has_tokens: list[bool]):
+    """Response text of the steps not shown token by token: `response`, else its ids decoded, else null."""
+    if "response" in extra:
+        texts = extra["response"]
+    elif "response_ids" in extra:
+        texts = [tokenizers[it].decode(ids, skip_special_tokens=False) if ids is not None and tokenizers.get(it)
+                 else None for ids, it in zip(extra["response_ids"], steps["iteration"].to_list())]
+    else:
+        texts = [None] * steps.height
+    return [None if shown else t for t, shown in zip(texts, has_tokens)]
+
+
+def _figures(frame: pl.DataFrame) -> list[dict[str, str]]:
+    """The two figures of `empg plot dynamics` as PNG data URLs."""
+    out = []
+    with matplotlib.rc_context(plots.RC):
+        for name, draw in plots.FIGURES.items():
+            buffer = io.BytesIO()
+            figure = draw(frame)
+            figure.savefig(buffer, format="png", dpi=100)
+            out.append({"name": name, "title": CAPTIONS.get(name, f"{name}.png of `empg plot dynamics`"),
+                        "src": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()})
+    return out
+
+
+def _scale_max(tokens: dict[str, Any], steps: pl.DataFrame) -> float:
+    """Top of the colour scale (nats): the 99th percentile of the token entropies, else of the step entropies."""
+    values = pl.Series(tokens["entropy"] or steps["step_entropy"].to_list(), dtype=pl.Float64)
+    top = values.quantile(0.99, "linear")
+    return float(f"{top:.2g}") if top and top > 0 else 1.0
+
+
+def report_document(path: Path, top: int = TOP) -> dict[str, Any]:
+    """The page's data: audit (as `empg audit` computes it), figures, trajectories, steps and tokens."""
+    frame = dynamics.load_scored([path])
+    audit = build_audit(frame, top=top)
+    steps = (frame.with_columns(dynamics.certainty(), dynamics.OUTCOME).sort([*dynamics.TRAJ, "step"])
+             .with_row_index("index"))
+    quadrant = (pl.col("certainty").to_physical().cast(pl.Int64) * 2 + pl.col("outcome").to_physical()) \
+        .fill_null(len(QUADRANTS))
+    steps = steps.with_columns(quadrant=quadrant)
+    trajectories = (steps.group_by(dynamics.TRAJ, maintain_order=True)
+                    .agg(start=pl.col("index").first(), length=pl.len(), reward=pl.col("traj_reward").first()))
+    position = {tuple(r): i for i, r in enumerate(trajectories.select(dynamics.TRAJ).cast({"source": pl.String})
+                                                  .iter_rows())}
+    for entry in audit["confident_mistakes"] + audit["uncertain_successes"]:
+        entry["trajectory"] = position[tuple(entry[k] for k in dynamics.TRAJ)]
+    extra = _extra_columns(path, steps["row"])
+    tokenizers = {it: dynamics.tokenizer_for(path, it) for it in steps["iteration"].unique().sort().to_list()}
+    tokens = _tokens(steps, extra, tokenizers)
+    sources = frame["source"].dtype.categories.to_list()
+    quadrants, mistakes, successes, invariants, correlations = _sections(audit)  # (title, headers, rows) each
+    return {
+        "file": path.name,
+        "summary": _summary(audit),
+        "audit": audit,
+        "audit_tables": [{"title": t, "headers": h, "rows": r} for t, h, r in (quadrants, invariants, correlations)],
+        "top": [{"id": "confident-mistakes", "title": mistakes[0], "entries": audit["confident_mistakes"]},
+                {"id": "uncertain-successes", "title": successes[0], "entries": audit["uncertain_successes"]}],
+        "figures": _figures(frame),
+        "sources": sources,
+        "quadrants": [*QUADRANTS, MIDDLE],
+        "scale": {"colours": SCALE, "max": _scale_max(tokens, steps),
+                  "level": "token" if any(tokens["has_tokens"]) else "step"},
+        "trajectories": {
+            "source": trajectories["source"].to_physical().to_list(),
+            "iteration": trajectories["iteration"].to_list(),
+            "group": trajectories["group_id"].to_list(),
+            "traj": trajectories["traj_id"].to_list(),
+            "reward": _rounded(trajectories["reward"].to_list(), DIGITS),
+            "start": trajectories["start"].to_list(),
+            "length": trajectories["length"].to_list(),
+        },
+        "steps": {
+            "step": steps["step"].to_list(),
+            "quadrant": steps["quadrant"].to_list(),
+            **{key: _rounded(steps[column].to_list(), DIGITS) for key, column in STEP_COLUMNS.items()},
+            "text": _texts(steps, extra, tokenizers, tokens["has_tokens"]),
+            "input": _inputs(steps, extra, tokenizers),
+        },
+        "tokens": {k: v for k, v in tokens.items() if k != "has_tokens"},
+    }
+
+
+def _asset(name: str) -> str:
+    return files(__package__).joinpath(name).read_text(encoding="utf-8")
+
+
+def render_report(document: dict[str, Any]) -> str:
+    """report.html with its stylesheet, script and the document inlined.
+
+    The JSON is embedded in a script element of type application/json, with every "<" escaped so that no text in
+    it can close the element.
+    """
+    data = json.dumps(document, ensure_ascii=False, separators=(",", ":"), allow_nan=False).replace("<", "\\u003c")
+    page = _asset("report.html")
+    for placeholder, value in (("{{title}}", html.escape(f"empg report · {document['file']}")),
+                               ("{{css}}", _asset("report.css")), ("{{script}}", _asset("report.js"))):
+        page = page.replace(placeholder, value)
+    head, tail = page.split("{{data}}")
+    return head + data + tail
+
+
+def _write_text_atomic(text: str, output: Path) -> None:
+    """Write to a temporary file beside `output`, then rename it into place: no half-written report."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, output)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_report(input_path: Path, output_path: Path, *, overwrite: bool = False, top: int = TOP) -> Path:
+    """Build the report of a scored file and write it atomically to `output_path`; the path written."""
+    input_path, output_path = Path(input_path), Path(output_path)
+    check_output_path(input_path, output_path, overwrite)
+    _write_text_atomic(render_report(report_document(input_path, top)), output_path)
+    return output_path
