@@ -150,7 +150,7 @@ def test_quadrants_are_batch_terciles_of_h_norm_by_outcome(text_scored: Path) ->
 
 def test_top_cases_are_the_audits_and_point_at_their_trajectories(text_scored: Path) -> None:
     from empg_cli import dynamics
-    from empg_cli.audit import build_audit
+    from empg_cli.credit_report import build_audit
     document = report_document(text_scored, top=4)
     audit = build_audit(dynamics.load_scored([text_scored]), top=4)
     assert document["audit"]["quadrants"] == audit["quadrants"]

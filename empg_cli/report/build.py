@@ -1,4 +1,4 @@
-"""The self-contained HTML report of `empg report`: figures, audit and a trajectory explorer in one file.
+"""The self-contained HTML report of `empg report`: figures, audit (as `empg audit` computes it) and a trajectory explorer in one file.
 
 The page is report.html with report.css, report.js and one JSON document inlined: nothing is loaded from outside
 (its Content-Security-Policy forbids it). The document is columnar — one array per column, steps sorted by
@@ -22,7 +22,7 @@ import matplotlib
 import polars as pl
 
 from .. import dynamics, plots
-from ..audit import _sections, _summary, build_audit
+from ..credit_report import _sections, _summary, build_audit
 from ..rollouts import check_output_path, open_parquet, read_table
 from ..schema import is_text
 from .tokens import token_pieces
