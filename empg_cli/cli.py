@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,11 +48,18 @@ BATCH_KEY = typer.Option(None, "--batch-key", help="Column(s) defining EMPG's ba
 
 @contextmanager
 def _reported(debug: bool) -> Iterator[None]:
-    """Known errors: one `error:` line, exit 2. Anything else: exit 1. --debug re-raises with the traceback."""
+    """Known errors: one `error:` line, exit 2. Anything else: exit 1. --debug re-raises with the traceback.
+
+    Ctrl-C, SIGTERM and SIGHUP (see `main`) print `interrupted` and exit 128 + the signal's number (130 for Ctrl-C),
+    after the output's context manager has removed its temp file.
+    """
     try:
         yield
     except typer.Exit:
         raise
+    except KeyboardInterrupt as exc:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(128 + getattr(exc, "signum", signal.SIGINT)) from None
     except EmpgError as exc:
         if debug:
             raise
@@ -270,8 +278,35 @@ def _root(version: bool = typer.Option(False, "--version", help="Print the versi
         raise typer.Exit()
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is, so that it is cleaned up like Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum: int, frame) -> None:
+    raise Interrupted(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point: click's usage errors also become one `error:` line with exit code 2."""
+    """Console entry point: click's usage errors also become one `error:` line with exit code 2.
+
+    SIGTERM and SIGHUP are handled like Ctrl-C while the command runs, unless they are ignored (as under nohup).
+    """
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+    for signum, handler in previous.items():
+        if handler == signal.SIG_DFL:
+            signal.signal(signum, _interrupt)
+    try:
+        return _run(argv)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         code = app(args=argv, standalone_mode=False, prog_name="empg")
     except typer.Abort:

@@ -21,8 +21,9 @@ from . import __version__
 from .advantages import ADVANTAGE_COLUMNS, compute_advantages
 from .config import AdvantageConfig, ScoreConfig, advantage_config_from, config_to_dict
 from .errors import BadInput, BadUsage
-from .rollouts import (ROWS_PER_CHUNK, Rollouts, check_output_path, open_parquet, open_rollouts, read_metadata,
-                       read_table, sha256_file, write_columns_atomic)
+from .output import atomic_output, write_parquet
+from .rollouts import (ROWS_PER_CHUNK, Rollouts, open_parquet, open_rollouts, read_metadata, read_table, sha256_file,
+                       with_columns)
 from .schema import GROUP_KEYS, SCHEMA_VERSION, TRAJ_KEYS
 from .sequences import TokenRows, check_vocabulary, plan_units, token_rows
 from .validation import ROW
@@ -269,23 +270,23 @@ def score_file(input_path: Path, output_path: Path, score: ScoreConfig, advantag
                rows_per_chunk: int = ROWS_PER_CHUNK) -> Summary:
     """Validate, rescore (or take logged entropies), compute advantages, write the scored table (SPEC 4)."""
     progress = progress or Progress()
-    check_output_path(input_path, output_path, overwrite)
-    started = time.perf_counter()
-    rollouts = open_rollouts(input_path, advantages, entropy_source=score.entropy_source)
-    if score.temperature is None:
-        score = replace(score, temperature=float((rollouts.metadata or {}).get("temperature", 1.0)))
-    model_info, lists = None, None
-    if score.entropy_source == "logged":
-        arrays = _logged_statistics(rollouts, rows_per_chunk)
-    else:
-        arrays, lists, model_info = _model_statistics(rollouts, score, progress, rows_per_chunk)
-    steps = rollouts.steps.with_columns(step_entropy=pl.Series(arrays["step_entropy"]))
-    columns = _step_columns(arrays)
-    columns.update(_advantage_columns(steps, advantages, arrays["n_response_tokens"], score.token_level))
-    if score.token_level:
-        columns = _token_columns(rollouts, lists) | columns
-    write_columns_atomic(rollouts, output_path, columns, _metadata(rollouts, score, advantages, model_info),
-                         rows_per_chunk)
+    with atomic_output(output_path, overwrite=overwrite, inputs=[input_path]) as temp:
+        started = time.perf_counter()
+        rollouts = open_rollouts(input_path, advantages, entropy_source=score.entropy_source)
+        if score.temperature is None:
+            score = replace(score, temperature=float((rollouts.metadata or {}).get("temperature", 1.0)))
+        model_info, lists = None, None
+        if score.entropy_source == "logged":
+            arrays = _logged_statistics(rollouts, rows_per_chunk)
+        else:
+            arrays, lists, model_info = _model_statistics(rollouts, score, progress, rows_per_chunk)
+        steps = rollouts.steps.with_columns(step_entropy=pl.Series(arrays["step_entropy"]))
+        columns = _step_columns(arrays)
+        columns.update(_advantage_columns(steps, advantages, arrays["n_response_tokens"], score.token_level))
+        if score.token_level:
+            columns = _token_columns(rollouts, lists) | columns
+        write_parquet(temp, with_columns(rollouts, columns, _metadata(rollouts, score, advantages, model_info),
+                                         rows_per_chunk))
     summary = _summary(output_path, steps, columns["traj_reward"], arrays["step_entropy"])
     summary.seconds = time.perf_counter() - started
     if model_info:
@@ -297,14 +298,14 @@ def score_file(input_path: Path, output_path: Path, score: ScoreConfig, advantag
 def advantages_file(input_path: Path, output_path: Path, overrides: dict[str, Any], *,
                     overwrite: bool = False) -> Summary:
     """Recompute the advantage columns of a scored file (no model); unset flags keep the file's own values."""
-    check_output_path(input_path, output_path, overwrite)
-    stored = (read_metadata(open_parquet(input_path).schema_arrow) or {}).get("advantages")
-    advantages = advantage_config_from(stored, **overrides)
-    rollouts = open_rollouts(input_path, advantages, scored=True)
-    stats = read_table(input_path, ["step_entropy", "n_response_tokens"])
-    entropy = stats.column("step_entropy").to_numpy()
-    steps = rollouts.steps.with_columns(step_entropy=pl.Series(entropy))
-    columns = _advantage_columns(steps, advantages, stats.column("n_response_tokens").to_numpy(),
-                                 "token_adv_empg" in rollouts.schema.names)
-    write_columns_atomic(rollouts, output_path, columns, _metadata(rollouts, None, advantages, None))
+    with atomic_output(output_path, overwrite=overwrite, inputs=[input_path]) as temp:
+        stored = (read_metadata(open_parquet(input_path).schema_arrow) or {}).get("advantages")
+        advantages = advantage_config_from(stored, **overrides)
+        rollouts = open_rollouts(input_path, advantages, scored=True)
+        stats = read_table(input_path, ["step_entropy", "n_response_tokens"])
+        entropy = stats.column("step_entropy").to_numpy()
+        steps = rollouts.steps.with_columns(step_entropy=pl.Series(entropy))
+        columns = _advantage_columns(steps, advantages, stats.column("n_response_tokens").to_numpy(),
+                                     "token_adv_empg" in rollouts.schema.names)
+        write_parquet(temp, with_columns(rollouts, columns, _metadata(rollouts, None, advantages, None)))
     return _summary(output_path, steps, columns["traj_reward"], entropy)

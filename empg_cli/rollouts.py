@@ -1,11 +1,9 @@
-"""Read and validate rollouts (SPEC 2.1), write scored tables atomically with their `empg` metadata (SPEC 2.2, 5)."""
+"""Read and validate rollouts (SPEC 2.1); stream scored tables with their `empg` metadata (SPEC 2.2)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -178,40 +176,17 @@ def sha256_file(path: Path) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-def check_output_path(input_path: Path, output_path: Path, overwrite: bool) -> None:
-    """Refuse to write over the input, over an existing file without --overwrite, or into a missing folder."""
-    if output_path.resolve() == input_path.resolve():
-        raise BadUsage(f"output {output_path} is the input file; empg never modifies its input (choose another -o)")
-    if output_path.exists() and not overwrite:
-        raise BadUsage(f"output {output_path} exists; pass --overwrite to replace it")
-    if not output_path.parent.is_dir():
-        raise BadUsage(f"output folder {output_path.parent} does not exist")
-
-
-def write_columns_atomic(rollouts: Rollouts, output_path: Path, columns: dict[str, pa.Array],
-                         metadata: dict[str, Any], rows: int = ROWS_PER_CHUNK) -> None:
-    """Stream the input chunk by chunk with `columns` set (replaced in place or appended, each as long as the file)
-    into a temporary file beside the output, then rename it into place (SPEC 5)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{output_path.name}.", suffix=".tmp", dir=output_path.parent)
-    os.close(fd)
-    writer = None
-    try:
-        for offset, chunk in rollouts.chunks(rows=rows):
-            for name, array in columns.items():
-                part = array.slice(offset, chunk.num_rows)
-                if name in chunk.column_names:
-                    chunk = chunk.set_column(chunk.column_names.index(name), name, part)
-                else:
-                    chunk = chunk.append_column(name, part)
-            if writer is None:
-                schema_meta = dict(rollouts.schema.metadata or {})
-                schema_meta[METADATA_KEY] = json.dumps(metadata, sort_keys=True).encode()
-                writer = pq.ParquetWriter(tmp, chunk.schema.with_metadata(schema_meta))
-            writer.write_table(chunk.replace_schema_metadata(writer.schema.metadata))
-        writer.close()
-        os.replace(tmp, output_path)
-    except BaseException:
-        if writer is not None:
-            writer.close()
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def with_columns(rollouts: Rollouts, columns: dict[str, pa.Array], metadata: dict[str, Any],
+                 rows: int = ROWS_PER_CHUNK) -> Iterator[pa.Table]:
+    """The input, chunk by chunk, with `columns` set (replaced in place or appended, each as long as the file) and
+    `metadata` as its `empg` key-value metadata: the scored table, streamed (write it with output.write_parquet)."""
+    schema_meta = dict(rollouts.schema.metadata or {})
+    schema_meta[METADATA_KEY] = json.dumps(metadata, sort_keys=True).encode()
+    for offset, chunk in rollouts.chunks(rows=rows):
+        for name, array in columns.items():
+            part = array.slice(offset, chunk.num_rows)
+            if name in chunk.column_names:
+                chunk = chunk.set_column(chunk.column_names.index(name), name, part)
+            else:
+                chunk = chunk.append_column(name, part)
+        yield chunk.replace_schema_metadata(schema_meta)
