@@ -12,8 +12,6 @@ import html
 import io
 import json
 import math
-import os
-import tempfile
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,8 @@ import polars as pl
 
 from .. import dynamics, plots
 from ..credit_report import _sections, _summary, build_audit
-from ..rollouts import check_output_path, open_parquet, read_table
+from ..output import atomic_output
+from ..rollouts import open_parquet, read_table
 from ..schema import is_text
 from .tokens import token_pieces
 
@@ -235,21 +234,9 @@ def render_report(document: dict[str, Any]) -> str:
     return head + data + tail
 
 
-def _write_text_atomic(text: str, output: Path) -> None:
-    """Write to a temporary file beside `output`, then rename it into place: no half-written report."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(input_path: Path, output_path: Path, *, overwrite: bool = False, top: int = TOP) -> Path:
     """Build the report of a scored file and write it atomically to `output_path`; the path written."""
     input_path, output_path = Path(input_path), Path(output_path)
-    check_output_path(input_path, output_path, overwrite)
-    _write_text_atomic(render_report(report_document(input_path, top)), output_path)
+    with atomic_output(output_path, overwrite=overwrite, inputs=[input_path]) as temp:
+        temp.write_text(render_report(report_document(input_path, top)), encoding="utf-8")
     return output_path
