@@ -139,6 +139,8 @@ def score(
         with _token_progress() as progress:
             summary = score_file(input, output or _default_output(input, "scored"), cfg, adv, overwrite=overwrite,
                                  progress=progress)
+        for warning in summary.warnings:
+            typer.echo(f"warning: {warning}", err=True)
         _print_summary(summary)
 
 
@@ -241,6 +243,48 @@ def report(
     with _reported(debug):
         from .report import write_report
         typer.echo(f"wrote {write_report(input, output, overwrite=overwrite, top=top)}")
+
+
+FIDELITY_NOTES = {"ids": "exact token ids", "messages": "chat messages, re-rendered with the chat template",
+                  "text": "decoded text, re-tokenised: entropies approximate"}
+
+
+@app.command("convert", epilog="Example: empg convert checkpoints/rollout_data -o runs.parquet   "
+                               "(then: empg score runs.parquet --model ...)")
+def convert_command(
+    sources: list[Path] = typer.Argument(..., help="The files, or the folder, the trainer wrote."),
+    from_: Optional[Literal["verl", "trl", "prime-rl", "art", "rllm", "areal", "jsonl", "parquet", "csv"]] = typer.Option(
+        None, "--from", help="The trainer or table format (default: detected from the layout and fields)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output",
+                                          help="Rollouts Parquet (default: SOURCE.rollouts.parquet beside it)."),
+    run: str = typer.Option("default", "--run", help="The run name written on every row."),
+    group_size: Optional[int] = typer.Option(None, "--group-size",
+                                             help="TRL: completions per prompt (the trainer's num_generations)."),
+    reward_weights: Optional[str] = typer.Option(None, "--reward-weights", help="TRL: weight of each reward "
+                                                 "function column, comma-separated (default 1 each)."),
+    mapping: Optional[list[str]] = typer.Option(None, "--map", help="Generic tables: COLUMN=SOURCE_FIELD, e.g. "
+                                                "--map response=completion; repeat for each column."),
+    overwrite: bool = OVERWRITE,
+    debug: bool = DEBUG,
+) -> None:
+    """Turn what a trainer wrote (verl, TRL, prime-rl, ART, rLLM, AReaL, or any table) into a rollouts file.
+
+    The output validates with `empg validate` and scores with `empg score`; its metadata records the source format
+    and how exact its tokens are (ids, messages or text). See docs/ingest.md for each trainer's layout.
+    """
+    with _reported(debug):
+        from .ingest import convert_file
+        summary = convert_file(sources, output, from_, overwrite=overwrite, run=run, group_size=group_size,
+                               reward_weights=reward_weights, map=mapping)
+        from rich.table import Table
+        table = Table(show_header=False, box=None, padding=(0, 2))
+        table.add_row("format", summary.format)
+        table.add_row("rows", f"{summary.rows:,}")
+        table.add_row("trajectories", f"{summary.trajectories:,} in {summary.groups:,} groups, "
+                                      f"{summary.iterations} iteration(s)")
+        table.add_row("fidelity", f"{summary.fidelity} ({FIDELITY_NOTES[summary.fidelity]})")
+        table.add_row("wrote", str(summary.output))
+        out.print(table)
 
 
 @app.command(epilog="Example: empg validate runs.parquet")

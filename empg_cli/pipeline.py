@@ -7,7 +7,7 @@ read, scored and written back one chunk of rows at a time.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -21,6 +21,7 @@ from . import __version__
 from .advantages import ADVANTAGE_COLUMNS, compute_advantages
 from .config import AdvantageConfig, ScoreConfig, advantage_config_from, config_to_dict
 from .errors import BadInput, BadUsage
+from .ingest.convert import TEXT_WARNING
 from .output import atomic_output, write_parquet
 from .rollouts import (ROWS_PER_CHUNK, Rollouts, open_parquet, open_rollouts, read_metadata, read_table, sha256_file,
                        with_columns)
@@ -58,6 +59,8 @@ class Summary:
     seconds: float = 0.0
     device: str | None = None
     dtype: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    """Things the user should know about the result (the library never prints; the CLI shows them)."""
 
 
 @dataclass(frozen=True)
@@ -253,7 +256,8 @@ def _summary(output: Path, steps: pl.DataFrame, traj_reward: pa.Array, step_entr
 def _metadata(rollouts: Rollouts, score: ScoreConfig | None, advantages: AdvantageConfig,
               model: dict[str, Any] | None) -> dict[str, Any]:
     """The `empg` provenance: an `advantages` run keeps what the scoring run recorded and updates the rest."""
-    base = dict(rollouts.metadata or {}) if score is None else {}
+    stored = rollouts.metadata or {}
+    base = dict(stored) if score is None else {k: stored[k] for k in ("source", "fidelity") if k in stored}
     base.update({"schema_version": SCHEMA_VERSION, "tool": "empg", "tool_version": __version__,
                  "input_sha256": sha256_file(rollouts.path), "input": rollouts.path.name,
                  "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -289,6 +293,8 @@ def score_file(input_path: Path, output_path: Path, score: ScoreConfig, advantag
                                          rows_per_chunk))
     summary = _summary(output_path, steps, columns["traj_reward"], arrays["step_entropy"])
     summary.seconds = time.perf_counter() - started
+    if (rollouts.metadata or {}).get("fidelity") == "text" and score.entropy_source == "model":
+        summary.warnings.append(TEXT_WARNING.format(path=input_path))
     if model_info:
         summary.tokens_scored = int(arrays["n_response_tokens"].sum())
         summary.device, summary.dtype = model_info["device"], model_info["dtype"]

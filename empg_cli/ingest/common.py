@@ -1,0 +1,156 @@
+"""What every trainer reader shares: finding a layout's files, reading JSON lines with line numbers, the frame."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import polars as pl
+import pyarrow as pa
+
+from ..errors import BadInput
+
+MESSAGE = pl.List(pl.Struct({"role": pl.String, "content": pl.String}))
+"""The rollouts `messages` type: chat messages as role and content."""
+
+FIDELITIES = ("ids", "messages", "text")
+"""How exactly a converted file lets `empg score` rebuild the sampled tokens, most exact first."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """The knobs of `empg convert`; each reader uses those its format needs."""
+
+    run: str = "default"
+    """The `run` column of every row."""
+    group_size: int | None = None
+    """TRL: rows per group (the trainer's num_generations); its log has no group id."""
+    reward_weights: tuple[float, ...] | None = None
+    """TRL: weight of each reward-function column in the trajectory reward (default 1 each)."""
+    mapping: dict[str, str] = field(default_factory=dict)
+    """Generic tables: rollouts column -> source field."""
+
+
+@dataclass(frozen=True)
+class Converted:
+    """A trainer's rows as a rollouts frame, and how exact its token sequences are."""
+
+    frame: pl.DataFrame
+    fidelity: str
+    """`ids` (exact), `messages` (re-rendered with the chat template) or `text` (re-tokenised)."""
+
+
+def layout_files(sources: Sequence[Path], pattern: str) -> list[Path]:
+    """The files matching `pattern` (a glob) under each folder, or each file itself, in natural order."""
+    files: list[Path] = []
+    for source in sources:
+        if not source.exists():
+            raise BadInput(source, "no such file or folder")
+        files.extend(sorted(source.rglob(pattern), key=natural_key) if source.is_dir() else [source])
+    if not files:
+        raise BadInput(sources[0], f"has no files named {pattern}")
+    return files
+
+
+def natural_key(path: Path) -> list[Any]:
+    """Sort key that puts step_9 before step_10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
+
+
+def number_in(path: Path, pattern: str) -> int:
+    """The integer that `pattern` (one group) finds in the path, e.g. the step of `step_12/`."""
+    match = re.search(pattern, path.as_posix())
+    if match is None:
+        raise BadInput(path, f"does not name its training step as the layout does ({pattern})")
+    return int(match.group(1))
+
+
+def json_lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(1-based line number, object) for each non-blank line; a line that is not a JSON object is a BadInput."""
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise BadInput(path, f"line {number} is not valid JSON ({exc.msg}); was the file cut short?") from None
+            if not isinstance(value, dict):
+                raise BadInput(path, f"line {number} is not a JSON object")
+            yield number, value
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A whole-file JSON object; invalid JSON is a BadInput naming the line."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise BadInput(path, f"line {exc.lineno} is not valid JSON ({exc.msg}); was the file cut short?") from None
+    if not isinstance(value, dict):
+        raise BadInput(path, "is not a JSON object")
+    return value
+
+
+def flat_jsonl(path: Path, required: Sequence[str]) -> pl.DataFrame:
+    """A JSON-lines file of flat records as a frame (fast path), with `required` fields present on every line."""
+    try:
+        frame = pl.read_ndjson(path, infer_schema_length=None)
+    except Exception as exc:  # polars says which byte, not which line: find the line the slow way
+        for _ in json_lines(path):
+            pass
+        raise BadInput(path, f"cannot be read as JSON lines ({str(exc).splitlines()[0]})") from None
+    if frame.height == 0:
+        raise BadInput(path, "has no records")
+    for name in required:
+        if name not in frame.columns:
+            raise BadInput(path, f"line 1 has no field '{name}'")
+        row = first_null(frame[name])
+        if row is not None:
+            raise BadInput(path, f"line {row + 1} has no field '{name}'")
+    return frame
+
+
+def need(record: dict[str, Any], key: str, path: Path, line: int, where: str = "") -> Any:
+    """record[key], or a BadInput naming the file, line and missing field."""
+    if not isinstance(record, dict) or record.get(key) is None:
+        raise BadInput(path, f"line {line} has no field '{where}{key}'")
+    return record[key]
+
+
+def first_null(series: pl.Series) -> int | None:
+    hits = series.is_null().arg_true()
+    return int(hits[0]) if len(hits) else None
+
+
+def carried(frame: pl.DataFrame, produced: Sequence[str]) -> pl.DataFrame:
+    """Source fields kept beside the rollouts columns; one whose name a rollouts column already takes is
+    renamed `source_<name>`."""
+    return frame.rename({c: f"source_{c}" for c in frame.columns if c in produced})
+
+
+ROLLOUT_TYPES = {"run": pl.String, "iteration": pl.Int64, "group_id": pl.String, "traj_id": pl.String,
+                 "step": pl.Int64, "prompt": pl.String, "messages": None, "prompt_ids": pl.List(pl.Int32),
+                 "response": pl.String, "response_ids": pl.List(pl.Int32), "reward": pl.Float64}
+"""The rollouts columns a converter produces, in the order they are written, with their types (None: as built)."""
+
+
+def rollouts_frame(columns: dict[str, Any], extra: pl.DataFrame | None, run: str) -> pl.DataFrame:
+    """The rollouts columns (typed, in schema order, `run` filled unless given) followed by the carried source fields."""
+    frame = pl.DataFrame(columns)
+    if "run" not in frame.columns:
+        frame = frame.with_columns(run=pl.lit(run, pl.String))
+    frame = frame.select([pl.col(c) if t is None else pl.col(c).cast(t) for c, t in ROLLOUT_TYPES.items()
+                          if c in frame.columns])
+    if extra is not None and extra.width:
+        frame = pl.concat([frame, carried(extra, frame.columns)], how="horizontal")
+    return frame
+
+
+def each_file(sources: Sequence[Path], pattern: str, read_file: Callable[[Path, Options], pl.DataFrame],
+              options: Options) -> pl.DataFrame:
+    """One frame from every file of the layout, read by `read_file`, in natural file order."""
+    return pl.concat([read_file(p, options) for p in layout_files(sources, pattern)], how="diagonal_relaxed")
+

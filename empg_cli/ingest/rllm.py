@@ -1,0 +1,61 @@
+"""rLLM's saved episodes: `episodes/{name}_step_{s}_epoch_{e}/episode_*.json`, one Episode a file.
+
+An Episode has `id` = `{task_id}:{rollout_idx}` and `trajectories[]`, each with its `uid`, `reward` and `steps[]`;
+a step holds `chat_completions` (the conversation the model answered, its answer last when recorded),
+`model_response` and its own `reward`. Group = task_id, trajectory = the trajectory's uid, step = index in
+`steps`; iteration = the episode's `training_step`, else the folder's step. The reward is the trajectory's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import polars as pl
+
+from ..errors import BadInput
+from .common import MESSAGE, Converted, Options, layout_files, need, number_in, read_json, rollouts_frame
+
+FIDELITY = "messages"
+PATTERN = "episode_*.json"
+
+
+def _prompt(chat: list[dict[str, Any]], response: str) -> list[dict[str, str]]:
+    """The messages before the model's answer (dropped when the conversation already ends with it)."""
+    if chat and chat[-1].get("role") == "assistant" and chat[-1].get("content") == response:
+        chat = chat[:-1]
+    return [{"role": m["role"], "content": m.get("content") or ""} for m in chat]
+
+
+def read_file(path: Path, rows: dict[str, list]) -> None:
+    episode = read_json(path)
+    episode_id = str(episode.get("episode_id", episode.get("id", "")))
+    if ":" not in episode_id:
+        raise BadInput(path, f"line 1: episode id {episode_id!r} is not `{{task_id}}:{{rollout_idx}}`")
+    task_id = episode_id.rsplit(":", 1)[0]
+    iteration = episode.get("training_step")
+    if iteration is None:
+        iteration = number_in(path, r"_step_(\d+)_epoch_\d+/[^/]+$")
+    for trajectory in need(episode, "trajectories", path, 1):
+        uid = need(trajectory, "uid", path, 1, "trajectories[].")
+        for s, step in enumerate(need(trajectory, "steps", path, 1, "trajectories[].")):
+            response = need(step, "model_response", path, 1, "trajectories[].steps[].")
+            rows["iteration"].append(iteration)
+            rows["group_id"].append(task_id)
+            rows["traj_id"].append(str(uid))
+            rows["step"].append(s)
+            rows["messages"].append(_prompt(need(step, "chat_completions", path, 1, "trajectories[].steps[]."),
+                                            response))
+            rows["response"].append(response)
+            rows["reward"].append(trajectory.get("reward"))
+            rows["step_reward"].append(step.get("reward"))
+
+
+def read(sources: Sequence[Path], options: Options) -> Converted:
+    rows: dict[str, list] = {k: [] for k in ("iteration", "group_id", "traj_id", "step", "messages", "response",
+                                             "reward", "step_reward")}
+    for path in layout_files(sources, PATTERN):
+        read_file(path, rows)
+    extra = pl.DataFrame({"step_reward": pl.Series(rows.pop("step_reward"), dtype=pl.Float64)})
+    rows["messages"] = pl.Series(rows["messages"], dtype=MESSAGE)
+    return Converted(rollouts_frame(rows, extra, options.run), FIDELITY)

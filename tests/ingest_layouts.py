@@ -1,0 +1,130 @@
+"""Trainer layouts written the way each trainer writes them (names, nesting, field types, row order).
+
+Each writer mirrors the trainer's own dump code, not empg's reader, so the ingest tests compare empg's output with
+what the trainer wrote. Shared by tests/test_ingest.py and bench/convert.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+def write_verl(root: Path, step: int, rows: list[dict]) -> Path:
+    """verl `RayPPOTrainer._dump_generations`: `{global_steps}.jsonl`, json.dumps per line, joined with newlines."""
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"{step}.jsonl"
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
+    return path
+
+
+def verl_rows(rng: np.random.Generator, step: int, prompts: int, n: int, v1: bool = False, turns: int = 1) -> list[dict]:
+    """A GRPO batch as verl dumps it: `n` samples per prompt; the legacy dump is in balanced-batch (shuffled) order,
+    the V1 one carries uid = {uid}_{session}_{index}."""
+    rows = []
+    for p in range(prompts):
+        uid = f"9f3c-{p:04d}-uid"
+        for session in range(n):
+            score = float(rng.integers(0, 2))
+            for index in range(turns if v1 else 1):
+                row = {"input": f"<question {p}> turn {index}", "output": f"answer {p}.{session}.{index}",
+                       "gts": f"truth {p}", "score": score, "step": step, "acc": bool(score), "pred": f"{p}"}
+                if v1:
+                    row["uid"] = f"{uid}_{session}_{index}"
+                rows.append(row)
+    if not v1:
+        rows = [rows[i] for i in rng.permutation(len(rows))]
+    return rows
+
+
+def write_trl(output_dir: Path, step: int, prompts: int, n: int, rng: np.random.Generator, step_as_text: bool = False,
+              ) -> Path:
+    """TRL GRPOTrainer: `completions/completions_{step:05d}.parquet` via pandas, columns step, prompt, completion,
+    one per reward function (NaN where it returned None), advantage; prompts repeated n times in a row."""
+    folder = output_dir / "completions"
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = prompts * n
+    accuracy = rng.integers(0, 2, rows).astype(float)
+    accuracy[rng.random(rows) < 0.2] = np.nan
+    table = {"step": [str(step) if step_as_text else step] * rows,
+             "prompt": [f"<|user|>question {i // n}<|end|><|assistant|>" for i in range(rows)],
+             "completion": [f"completion {i}" for i in range(rows)],
+             "accuracy_reward": accuracy, "format_reward": rng.random(rows),
+             "advantage": rng.normal(size=rows)}
+    path = folder / f"completions_{step:05d}.parquet"
+    pd.DataFrame(table).to_parquet(path)
+    return path
+
+
+def prime_episode(episode_id: str, group: str, step: int, traces: list[dict]) -> dict:
+    """A verifiers Episode as prime-rl logs it."""
+    return {"id": episode_id, "group": {"id": group}, "run": {"work": {"step": step}}, "traces": traces}
+
+
+def prime_trace(turns: list[tuple[list[int], list[int]]], rewards: dict[str, tuple[float, float]],
+                lead: list[int] | None = None) -> dict:
+    """A trace whose path is prompt node, then per turn a sampled node (its ids, all masked in, after `lead`
+    masked-out template ids) and an environment node; plus a discarded branch off the root."""
+    nodes = [{"parent": None, "sampled": False, "token_ids": turns[0][0], "mask": [False] * len(turns[0][0]),
+              "logprobs": None, "advantages": None},
+             {"parent": 0, "sampled": True, "token_ids": [7, 7, 7], "mask": [True] * 3, "logprobs": [-1.0] * 3,
+              "advantages": [0.0] * 3}]  # a branch that is not on the path to the last node
+    parent = 0
+    for t, (observation, response) in enumerate(turns):
+        if t > 0:
+            nodes.append({"parent": parent, "sampled": False, "token_ids": observation,
+                          "mask": [False] * len(observation), "logprobs": None, "advantages": None})
+            parent = len(nodes) - 1
+        ids = (lead or []) + response
+        nodes.append({"parent": parent, "sampled": True, "token_ids": ids,
+                      "mask": [False] * len(lead or []) + [True] * len(response),
+                      "logprobs": [-0.5] * len(ids), "advantages": [0.1] * len(ids)})
+        parent = len(nodes) - 1
+    return {"nodes": nodes, "rewards": {k: {"score": s, "weight": w} for k, (s, w) in rewards.items()}}
+
+
+def write_prime(root: Path, step: int, episodes: list[dict], split: str = "train", subset: str = "all") -> Path:
+    folder = root / "rollouts" / f"step_{step}" / split / subset
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "traces.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in episodes))
+    return path
+
+
+def write_art(root: Path, split: str, step: int, trajectories: list[dict]) -> Path:
+    """ART parquet v2: `trajectories/{split}/{step:04d}.parquet`, one row per trajectory."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    message = pa.struct([("role", pa.string()), ("content", pa.string()), ("tool_calls", pa.string()),
+                         ("tool_call_id", pa.string()), ("trainable", pa.bool_())])
+    folder = root / "trajectories" / split
+    folder.mkdir(parents=True, exist_ok=True)
+    table = pa.table({"group_index": pa.array([t["group_index"] for t in trajectories], pa.int64()),
+                      "trajectory_index": pa.array([t["trajectory_index"] for t in trajectories], pa.int64()),
+                      "reward": pa.array([t["reward"] for t in trajectories], pa.float64()),
+                      "messages": pa.array([t["messages"] for t in trajectories], pa.list_(message)),
+                      "metrics": pa.array([json.dumps({"turns": 1}) for _ in trajectories], pa.string())})
+    path = folder / f"{step:04d}.parquet"
+    pq.write_table(table, path)
+    return path
+
+
+def write_rllm(root: Path, step: int, task: str, rollout: int, trajectories: list[dict]) -> Path:
+    folder = root / "episodes" / f"countdown_step_{step}_epoch_0"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"episode_{task}_{rollout}.json"
+    path.write_text(json.dumps({"id": f"{task}:{rollout}", "task": {"question": task}, "is_correct": True,
+                                "trajectories": trajectories, "metrics": {}}, indent=2))
+    return path
+
+
+def write_areal(root: Path, version: int, task_id: str, samples: list[dict]) -> Path:
+    folder = root / "rollout" / str(version)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{task_id}.jsonl"
+    path.write_text("".join(json.dumps({"task_id": task_id, "sample_idx": i, **s}) + "\n"
+                            for i, s in enumerate(samples)))
+    return path
