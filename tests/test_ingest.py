@@ -133,7 +133,7 @@ def test_art_trainable_assistant_messages_are_the_steps(tmp_path):
          "messages": [msg("user", "2+2?"), msg("assistant", "an old reply", False), msg("assistant", "5", True)]}]
     write_art(tmp_path / "proj", "train", 12, trajectories)
     frame = convert(tmp_path / "proj")
-    assert frame["response"].to_list() == ["4", '"[{\\"name\\": \\"add\\"}]"', "6", "5"]
+    assert frame["response"].to_list() == ["4", '[{"name": "add"}]', "6", "5"]     # a tool call: its JSON
     assert frame["step"].to_list() == [0, 1, 2, 0] and frame["traj_id"].to_list() == ["0", "0", "0", "1"]
     assert frame["iteration"].to_list() == [12] * 4 and frame["reward"].to_list() == [1.0, 1.0, 1.0, 0.0]
     assert [len(m) for m in frame["messages"].to_list()] == [2, 4, 6, 2]

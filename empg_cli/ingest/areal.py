@@ -12,21 +12,21 @@ from typing import Sequence
 
 import polars as pl
 
-from .common import Converted, Options, each_file, flat_jsonl, number_in, rollouts_frame
+from ..errors import BadInput
+from .common import FILE, Converted, Options, flat_jsonl, layout_files, rollouts_frame
 
 FIDELITY = "text"
 PATTERN = "*.jsonl"
 FIELDS = ("task_id", "sample_idx", "reward", "prompt", "completion")
 
 
-def read_file(path: Path, options: Options) -> pl.DataFrame:
-    raw = flat_jsonl(path, FIELDS)
-    version = number_in(path, r"(\d+)/[^/]+\.jsonl$")
-    columns = {"iteration": pl.repeat(version, raw.height, eager=True), "group_id": raw["task_id"],
-               "traj_id": raw["sample_idx"], "step": pl.repeat(0, raw.height, eager=True), "prompt": raw["prompt"],
-               "response": raw["completion"], "reward": raw["reward"]}
-    return rollouts_frame(columns, raw.drop(*FIELDS), options.run)
-
-
 def read(sources: Sequence[Path], options: Options) -> Converted:
-    return Converted(each_file(sources, PATTERN, read_file, options), FIDELITY)
+    raw = flat_jsonl(layout_files(sources, PATTERN), FIELDS)
+    version = raw[FILE].str.extract(r"(\d+)/[^/]+\.jsonl$").cast(pl.Int64)
+    if version.null_count():
+        raise BadInput(raw[FILE][version.is_null().arg_true()[0]], "is not in a policy-version folder "
+                                                                   "(rollout/{version}/{task_id}.jsonl)")
+    columns = {"iteration": version, "group_id": raw["task_id"], "traj_id": raw["sample_idx"],
+               "step": pl.repeat(0, raw.height, eager=True), "prompt": raw["prompt"], "response": raw["completion"],
+               "reward": raw["reward"]}
+    return Converted(rollouts_frame(columns, raw.drop(*FIELDS, FILE), options.run), FIDELITY)

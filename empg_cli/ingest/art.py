@@ -10,24 +10,24 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import polars as pl
 
 from ..errors import BadInput
-from .common import MESSAGE, Converted, Options, each_file, number_in, rollouts_frame
+from .common import Converted, Options, each_file, first_null, number_in, rollouts_frame
 
 FIDELITY = "messages"
 PATTERN = "*.parquet"
 FIELDS = ("group_index", "trajectory_index", "reward", "messages")
 
 
-def _content(message: dict[str, Any]) -> str:
+def _text(message: pl.Expr, tool_calls: pl.DataType) -> pl.Expr:
     """A message's text; a tool call without text becomes its JSON."""
-    if message.get("content"):
-        return message["content"]
-    calls = message.get("tool_calls")
-    return json.dumps(calls, ensure_ascii=False) if calls else ""
+    calls = message.struct.field("tool_calls")
+    calls = calls if tool_calls == pl.String else calls.map_elements(json.dumps, return_dtype=pl.String)
+    return pl.coalesce(pl.when(message.struct.field("content") != "").then(message.struct.field("content")),
+                       calls, pl.lit(""))
 
 
 def read_file(path: Path, options: Options) -> pl.DataFrame:
@@ -35,27 +35,30 @@ def read_file(path: Path, options: Options) -> pl.DataFrame:
     for name in FIELDS:
         if name not in raw.columns:
             raise BadInput(path, f"has no column '{name}' (ART's trajectory parquet has {', '.join(FIELDS)})")
-    iteration = number_in(path, r"(\d+)\.parquet$")
-    split = path.parent.name
-    rows: dict[str, list] = {k: [] for k in ("group_id", "traj_id", "step", "messages", "response", "reward", "_row")}
-    for i, (group, trajectory, reward, messages) in enumerate(raw.select(FIELDS).iter_rows()):
-        if messages is None:
-            raise BadInput(path, "is null", column="messages", row=i)
-        history = [{"role": m["role"], "content": _content(m)} for m in messages]
-        step = 0
-        for k, message in enumerate(messages):
-            if message["role"] == "assistant" and message.get("trainable"):
-                rows["group_id"].append(f"{split}/{group}")
-                rows["traj_id"].append(str(trajectory))
-                rows["step"].append(step)
-                rows["messages"].append(history[:k])
-                rows["response"].append(history[k]["content"])
-                rows["reward"].append(reward)
-                rows["_row"].append(i)
-                step += 1
-    extra = raw.drop(*FIELDS)[rows.pop("_row")]
-    rows["messages"] = pl.Series(rows["messages"], dtype=MESSAGE)
-    return rollouts_frame({"iteration": [iteration] * len(rows["step"]), **rows}, extra, options.run)
+    row = first_null(raw["messages"])
+    if row is not None:
+        raise BadInput(path, "is null", column="messages", row=row)
+    fields = raw.schema["messages"].inner
+    tool_calls = dict(fields).get("tool_calls", pl.String)
+    element = pl.element()
+    if "tool_calls" not in dict(fields):
+        element = element.struct.with_fields(tool_calls=pl.lit(None, pl.String))
+    raw = raw.with_row_index("_row").with_columns(pl.col("messages").list.eval(
+        pl.struct(role=element.struct.field("role"), content=_text(element, tool_calls))).alias("_history"))
+    turns = (raw.select("_row", message=pl.col("messages")).explode("message")
+             .with_columns(position=pl.int_range(pl.len()).over("_row"))
+             .filter((pl.col("message").struct.field("role") == "assistant")
+                     & pl.col("message").struct.field("trainable").fill_null(False))
+             .select("_row", "position", step=pl.int_range(pl.len()).over("_row")))
+    steps = turns.join(raw, on="_row", how="left", maintain_order="left")
+    history = pl.col("_history")
+    columns = steps.select(
+        iteration=pl.lit(number_in(path, r"(\d+)\.parquet$"), pl.Int64),
+        group_id=pl.lit(f"{path.parent.name}/") + pl.col("group_index").cast(pl.String),
+        traj_id="trajectory_index", step="step", messages=history.list.slice(0, pl.col("position")),
+        response=history.list.get(pl.col("position")).struct.field("content"), reward="reward")
+    return rollouts_frame(columns.to_dict(), steps.drop("_row", "position", "step", "_history", *FIELDS),
+                          options.run)
 
 
 def read(sources: Sequence[Path], options: Options) -> Converted:

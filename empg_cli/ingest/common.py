@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 
 from ..errors import BadInput
+from ..validation import first_true
 
 MESSAGE = pl.List(pl.Struct({"role": pl.String, "content": pl.String}))
 """The rollouts `messages` type: chat messages as role and content."""
@@ -94,23 +97,36 @@ def read_json(path: Path) -> dict[str, Any]:
     return value
 
 
-def flat_jsonl(path: Path, required: Sequence[str]) -> pl.DataFrame:
-    """A JSON-lines file of flat records as a frame (fast path), with `required` fields present on every line."""
+FILE = "_file"
+"""The column `flat_jsonl` adds: the path each record came from."""
+
+
+def flat_jsonl(paths: Sequence[Path], required: Sequence[str]) -> pl.DataFrame:
+    """JSON-lines files of flat records as one frame, parsed in one parallel pass, with a `_file` column; each
+    field of `required` must be on every line."""
+    lines, files, numbers = [], [], []
+    for path in paths:
+        with open(path, "rb") as fh:
+            for number, line in enumerate(fh, 1):
+                if line.strip():
+                    lines.append(line.rstrip(b"\r\n"))
+                    files.append(str(path))
+                    numbers.append(number)
+    if not lines:
+        raise BadInput(paths[0], "has no records")
     try:
-        frame = pl.read_ndjson(path, infer_schema_length=None)
+        frame = pl.read_ndjson(io.BytesIO(b"\n".join(lines)), infer_schema_length=None)
     except Exception as exc:  # polars says which byte, not which line: find the line the slow way
-        for _ in json_lines(path):
-            pass
-        raise BadInput(path, f"cannot be read as JSON lines ({str(exc).splitlines()[0]})") from None
-    if frame.height == 0:
-        raise BadInput(path, "has no records")
+        for path in paths:
+            for _ in json_lines(path):
+                pass
+        raise BadInput(paths[0], f"cannot be read as JSON lines ({str(exc).splitlines()[0]})") from None
     for name in required:
-        if name not in frame.columns:
-            raise BadInput(path, f"line 1 has no field '{name}'")
-        row = first_null(frame[name])
+        missing = (frame[name].is_null() if name in frame.columns else pl.repeat(True, frame.height, eager=True))
+        row = first_true(missing)
         if row is not None:
-            raise BadInput(path, f"line {row + 1} has no field '{name}'")
-    return frame
+            raise BadInput(files[row], f"line {numbers[row]} has no field '{name}'")
+    return frame.with_columns(pl.Series(FILE, files))
 
 
 def need(record: dict[str, Any], key: str, path: Path, line: int, where: str = "") -> Any:
@@ -121,8 +137,7 @@ def need(record: dict[str, Any], key: str, path: Path, line: int, where: str = "
 
 
 def first_null(series: pl.Series) -> int | None:
-    hits = series.is_null().arg_true()
-    return int(hits[0]) if len(hits) else None
+    return first_true(series.is_null())
 
 
 def carried(frame: pl.DataFrame, produced: Sequence[str]) -> pl.DataFrame:

@@ -13,7 +13,7 @@ import polars as pl
 from .. import __version__
 from ..errors import BadInput, BadUsage
 from ..output import atomic_output, write_parquet
-from ..rollouts import METADATA_KEY
+from ..rollouts import METADATA_KEY, _check_nonempty as check_nonempty
 from ..schema import GROUP_KEYS, SCHEMA_VERSION, TRAJ_KEYS, check_column_types, check_required_columns
 from ..validation import check_steps, check_value_per_trajectory, key_frame
 from . import areal, art, prime_rl, rllm, table, trl, verl
@@ -74,7 +74,9 @@ def validate_converted(frame: pl.DataFrame, name: str) -> pl.DataFrame:
     """The converted frame is a valid rollouts table, checked by the same code as a rollouts file; its keys."""
     arrow = frame.to_arrow()
     check_column_types(arrow.schema, name, "rollouts")
-    check_required_columns(arrow.schema, name)
+    input_column, output_column = check_required_columns(arrow.schema, name)
+    for column in (input_column, output_column):
+        check_nonempty(arrow, Path(name), column, 0)
     keys = key_frame(arrow.select([c for c in (*TRAJ_KEYS, "step", "reward") if c in arrow.column_names]),
                      Path(name), ())
     check_steps(keys, Path(name))
@@ -128,7 +130,7 @@ def convert_file(source: str | Path | Sequence[str | Path], output: Path | None 
                     "source": {"format": fmt, "fidelity": converted.fidelity, "paths": [p.name for p in paths]},
                     "fidelity": converted.fidelity}
         arrow = frame.to_arrow()
-        write_parquet(temp, [arrow.replace_schema_metadata({**(arrow.schema.metadata or {}),
-                                                            METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})])
+        stamp = {METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()}
+        write_parquet(temp, [arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), **stamp})])
     return ConvertSummary(output, fmt, converted.fidelity, keys.height, keys.select(TRAJ_KEYS).n_unique(),
                           keys.select(GROUP_KEYS).n_unique(), keys["iteration"].n_unique())

@@ -16,10 +16,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from ..errors import BadInput
-from .common import Converted, Options, json_lines, layout_files, need, rollouts_frame
+from .common import Converted, Options, TokenLists, json_lines, layout_files, need, rollouts_frame
 
 FIDELITY = "ids"
 PATTERN = "traces.jsonl"
@@ -38,12 +40,13 @@ def path_to_leaf(nodes: list[dict[str, Any]], path: Path, line: int) -> list[dic
     return chain[::-1]
 
 
-def trace_steps(trace: dict[str, Any], path: Path, line: int) -> list[dict[str, list]]:
-    """(prompt_ids, response_ids, logprobs) of each sampled node along the trace's path."""
+def trace_steps(trace: dict[str, Any], path: Path, line: int, tokens: list[int]) -> list[tuple]:
+    """Append the trace's path tokens to `tokens`; for each sampled node along the path, return
+    (prompt start, response start, response end, logprobs): its prompt is tokens[prompt start:response start]."""
     nodes = need(trace, "nodes", path, line, "traces[].")
     if not nodes:
         raise BadInput(path, f"line {line} has a trace with no nodes")
-    steps, context = [], []
+    steps, base = [], len(tokens)
     for node in path_to_leaf(nodes, path, line):
         ids = need(node, "token_ids", path, line, "traces[].nodes[].")
         mask = node.get("mask")
@@ -51,21 +54,20 @@ def trace_steps(trace: dict[str, Any], path: Path, line: int) -> list[dict[str, 
             mask = [bool(node.get("sampled"))] * len(ids)
         if len(mask) != len(ids):
             raise BadInput(path, f"line {line} has a node with {len(ids)} token_ids and {len(mask)} mask entries")
-        kept = [i for i, m in enumerate(mask) if m]
-        if node.get("sampled") and kept:
-            first, last = kept[0], kept[-1]
-            if last - first + 1 != len(kept):
+        if node.get("sampled") and True in mask:  # the model's tokens: the masked-in run
+            first, last = mask.index(True), len(mask) - 1 - mask[::-1].index(True)
+            if not all(mask[first:last + 1]):
                 raise BadInput(path, f"line {line} has a sampled node whose masked-in tokens are not contiguous")
             logprobs = node.get("logprobs")
-            steps.append({"prompt_ids": context + ids[:first], "response_ids": ids[first:last + 1],
-                          "logprobs": logprobs[first:last + 1] if logprobs is not None else None})
-        context = context + ids
+            start = len(tokens) + first
+            steps.append((base, start, start + last - first + 1,
+                          logprobs[first:last + 1] if logprobs is not None else None))
+        tokens.extend(ids)
     return steps
 
 
-def read_file(path: Path, options: Options) -> dict[str, list]:
-    rows: dict[str, list] = {k: [] for k in ("iteration", "group_id", "traj_id", "step", "prompt_ids",
-                                             "response_ids", "reward", "logprobs")}
+def read_file(path: Path, rows: dict[str, Any], tokens: list[int]) -> None:
+    """Append the steps of every episode in the file to `rows`, their path tokens to `tokens`."""
     for line, episode in json_lines(path):
         group = need(need(episode, "group", path, line), "id", path, line, "group.")
         iteration = need(need(need(episode, "run", path, line), "work", path, line, "run."), "step", path, line,
@@ -74,15 +76,22 @@ def read_file(path: Path, options: Options) -> dict[str, list]:
             rewards = trace.get("rewards") or {}
             reward = sum(float(r["score"]) * float(r.get("weight", 1.0)) for r in rewards.values()
                          if r.get("score") is not None)
-            for s, step in enumerate(trace_steps(trace, path, line)):
+            for s, (base, start, end, logprobs) in enumerate(trace_steps(trace, path, line, tokens)):
                 rows["iteration"].append(iteration)
                 rows["group_id"].append(str(group))
                 rows["traj_id"].append(f"{episode.get('id', line)}/{t}")
                 rows["step"].append(s)
                 rows["reward"].append(reward)
-                for key in ("prompt_ids", "response_ids", "logprobs"):
-                    rows[key].append(step[key])
-    return rows
+                rows["spans"].append((base, start, end))
+                rows["logprobs"].add(logprobs)
+
+
+def spans_to_lists(tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> pl.Series:
+    """tokens[starts[i]:ends[i]] for every i, as one list column, gathered at once."""
+    lengths = ends - starts
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    index = np.arange(offsets[-1]) - np.repeat(offsets[:-1] - starts, lengths)
+    return pl.Series(pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(tokens[index])))
 
 
 def training_traces(sources: Sequence[Path]) -> list[Path]:
@@ -96,11 +105,14 @@ def training_traces(sources: Sequence[Path]) -> list[Path]:
 
 
 def read(sources: Sequence[Path], options: Options) -> Converted:
-    rows: dict[str, list] = {}
+    rows: dict[str, Any] = {k: [] for k in ("iteration", "group_id", "traj_id", "step", "reward", "spans")}
+    rows["logprobs"], tokens = TokenLists(), []
     for path in training_traces(sources):
-        for key, values in read_file(path, options).items():
-            rows.setdefault(key, []).extend(values)
-    if not rows.get("step"):
+        read_file(path, rows, tokens)
+    if not rows["step"]:
         raise BadInput(sources[0], "has no sampled tokens in any trace")
-    logprobs = pl.Series("logprobs", rows.pop("logprobs"), pl.List(pl.Float32))
+    flat = np.asarray(tokens, dtype=np.int32)
+    base, start, end = np.asarray(rows.pop("spans"), dtype=np.int64).reshape(-1, 3).T
+    rows["prompt_ids"], rows["response_ids"] = spans_to_lists(flat, base, start), spans_to_lists(flat, start, end)
+    logprobs = rows.pop("logprobs").series("logprobs", pl.Float32)
     return Converted(rollouts_frame(rows, pl.DataFrame([logprobs]), options.run), FIDELITY)

@@ -14,17 +14,17 @@ from typing import Any, Sequence
 import polars as pl
 
 from ..errors import BadInput
-from .common import MESSAGE, Converted, Options, layout_files, need, number_in, read_json, rollouts_frame
+from .common import Converted, MessageLists, Options, layout_files, need, number_in, read_json, rollouts_frame
 
 FIDELITY = "messages"
 PATTERN = "episode_*.json"
 
 
-def _prompt(chat: list[dict[str, Any]], response: str) -> list[dict[str, str]]:
+def _prompt(chat: list[dict[str, Any]], response: str) -> list[dict[str, Any]]:
     """The messages before the model's answer (dropped when the conversation already ends with it)."""
     if chat and chat[-1].get("role") == "assistant" and chat[-1].get("content") == response:
-        chat = chat[:-1]
-    return [{"role": m["role"], "content": m.get("content") or ""} for m in chat]
+        return chat[:-1]
+    return chat
 
 
 def read_file(path: Path, rows: dict[str, list]) -> None:
@@ -44,7 +44,7 @@ def read_file(path: Path, rows: dict[str, list]) -> None:
             rows["group_id"].append(task_id)
             rows["traj_id"].append(str(uid))
             rows["step"].append(s)
-            rows["messages"].append(_prompt(need(step, "chat_completions", path, 1, "trajectories[].steps[]."),
+            rows["messages"].add(_prompt(need(step, "chat_completions", path, 1, "trajectories[].steps[]."),
                                             response))
             rows["response"].append(response)
             rows["reward"].append(trajectory.get("reward"))
@@ -52,10 +52,11 @@ def read_file(path: Path, rows: dict[str, list]) -> None:
 
 
 def read(sources: Sequence[Path], options: Options) -> Converted:
-    rows: dict[str, list] = {k: [] for k in ("iteration", "group_id", "traj_id", "step", "messages", "response",
-                                             "reward", "step_reward")}
+    rows: dict[str, Any] = {k: [] for k in ("iteration", "group_id", "traj_id", "step", "response", "reward",
+                                            "step_reward")}
+    rows["messages"] = MessageLists()
     for path in layout_files(sources, PATTERN):
         read_file(path, rows)
     extra = pl.DataFrame({"step_reward": pl.Series(rows.pop("step_reward"), dtype=pl.Float64)})
-    rows["messages"] = pl.Series(rows["messages"], dtype=MESSAGE)
+    rows["messages"] = rows["messages"].series()
     return Converted(rollouts_frame(rows, extra, options.run), FIDELITY)

@@ -21,7 +21,7 @@ def _reader(kind: str):
     def read_file(path: Path, options: Options) -> pl.DataFrame:
         try:
             if kind == "jsonl":
-                raw = flat_jsonl(path, ())
+                raw = flat_jsonl([path], ()).drop("_file")
             elif kind == "parquet":
                 raw = pl.read_parquet(path)
             else:

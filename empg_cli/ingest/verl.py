@@ -15,7 +15,7 @@ from typing import Sequence
 import polars as pl
 
 from ..errors import BadInput
-from .common import Converted, Options, each_file, flat_jsonl, rollouts_frame
+from .common import FILE, Converted, Options, flat_jsonl, layout_files, rollouts_frame
 
 FIDELITY = "text"
 PATTERN = "*.jsonl"
@@ -24,22 +24,18 @@ UID = r"^(.*)_([^_]*)_(\d+)$"
 """`{uid}_{session}_{index}`, split from the right: group, trajectory, step."""
 
 
-def read_file(path: Path, options: Options) -> pl.DataFrame:
-    raw = flat_jsonl(path, FIELDS)
+def read(sources: Sequence[Path], options: Options) -> Converted:
+    raw = flat_jsonl(layout_files(sources, PATTERN), FIELDS)
     if "uid" in raw.columns:  # V1: the uid carries group, session and turn index
         parts = raw["uid"].cast(pl.String).str.extract_groups(UID).struct.unnest()
         bad = parts["1"].is_null().arg_true()
         if len(bad):
-            raise BadInput(path, f"line {bad[0] + 1} has uid {raw['uid'][bad[0]]!r}, not `{{uid}}_{{session}}_{{index}}`")
+            raise BadInput(raw[FILE][bad[0]], f"uid {raw['uid'][bad[0]]!r} is not `{{uid}}_{{session}}_{{index}}`")
         keys = {"group_id": parts["1"], "traj_id": parts["2"], "step": parts["3"].cast(pl.Int64)}
-    else:  # legacy: group = identical input within the file (rows are in balanced-batch order)
-        first = raw.with_row_index("_row").select(pl.col("_row").min().over("input").alias("first"),
-                           pl.int_range(pl.len()).over("input").alias("traj"))
+    else:  # legacy: group = identical input within a file (its rows are in balanced-batch order)
+        first = raw.with_row_index("_row").select(pl.col("_row").min().over(FILE, "input").alias("first"),
+                                                  pl.int_range(pl.len()).over(FILE, "input").alias("traj"))
         keys = {"group_id": first["first"], "traj_id": first["traj"], "step": pl.repeat(0, raw.height, eager=True)}
     columns = {"iteration": raw["step"], **keys, "prompt": raw["input"], "response": raw["output"],
                "reward": raw["score"]}
-    return rollouts_frame(columns, raw.drop(*FIELDS, "uid", strict=False), options.run)
-
-
-def read(sources: Sequence[Path], options: Options) -> Converted:
-    return Converted(each_file(sources, PATTERN, read_file, options), FIDELITY)
+    return Converted(rollouts_frame(columns, raw.drop(*FIELDS, "uid", FILE, strict=False), options.run), FIDELITY)
