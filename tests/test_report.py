@@ -175,6 +175,9 @@ def test_token_level_entropies_colour_each_decoded_token(token_scored: Path, tin
             text = "".join(tokens["pieces"][tokens["piece"][k]] for k in span)
             assert text == tokenizer.decode(row["response_ids"], skip_special_tokens=False)
             assert steps["text"][i] is None  # shown through its tokens
+        for i, before, row in zip(document_trajectory(document, t)[1:], rows, rows[1:]):  # chained: the observation
+            new = row["prompt_ids"][len(before["prompt_ids"]) + len(before["response_ids"]):]
+            assert steps["input"][i] == tokenizer.decode(new, skip_special_tokens=False)
 
 
 def test_new_input_is_what_a_chained_prompt_adds() -> None:

@@ -235,8 +235,7 @@ def render_report(document: dict[str, Any]) -> str:
 
 
 def write_report(input_path: Path, output_path: Path, *, overwrite: bool = False, top: int = TOP) -> Path:
-    """Build the report of a scored file and write it atomically to `output_path`; the path written."""
-    input_path, output_path = Path(input_path), Path(output_path)
+    """Build the report of a scored file and put it in place atomically (`output.atomic_output`); the path written."""
     with atomic_output(output_path, overwrite=overwrite, inputs=[input_path]) as temp:
-        temp.write_text(render_report(report_document(input_path, top)), encoding="utf-8")
-    return output_path
+        temp.write_text(render_report(report_document(Path(input_path), top)), encoding="utf-8")
+    return Path(output_path)
