@@ -1,4 +1,4 @@
-"""The self-contained HTML report of `empg report`: figures, audit (as `empg audit` computes it) and a trajectory explorer in one file.
+"""The HTML report of `empg report`: figures, the audit of `empg audit` and a trajectory explorer in one file.
 
 The page is report.html with report.css, report.js and one JSON document inlined: nothing is loaded from outside
 (its Content-Security-Policy forbids it). The document is columnar — one array per column, steps sorted by
@@ -41,8 +41,6 @@ QUADRANTS = [f"{c} · {o}" for c in dynamics.CERTAINTIES.categories for o in dyn
 MIDDLE = "middle third"
 SCALE = ("#f7fbff", "#deebf7", "#c6dbef", "#9ecae1", "#6baed6", "#4292c6", "#2171b5", "#08519c", "#08306b")
 """ColorBrewer Blues: one hue from light to dark, so order reads from lightness alone (colour-blind safe)."""
-
-
 CAPTIONS = {"entropy_drift": "Entropy drift: mean step entropy per iteration, successful and failed trajectories, "
                              "and early / middle / late steps (entropy_drift.png of `empg plot dynamics`).",
             "grad_norm": "Gradient norm against step entropy with EMPG's Proposition 1, and the effective update "
@@ -118,7 +116,7 @@ def _tokens(steps: pl.DataFrame, extra: dict[str, list], tokenizers: dict[int, A
         else:
             continue
         for i, pieces in zip(rows, token_pieces(tokenizer, responses)):
-            if len(pieces) == len(entropies[i]):
+            if pieces and len(pieces) == len(entropies[i]):
                 per_step[i] = pieces
     index: dict[str, int] = {}
     start, piece, entropy = [0], [], []

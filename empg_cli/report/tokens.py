@@ -54,6 +54,22 @@ def token_pieces(tokenizer: Any, responses: Sequence[Sequence[int]]) -> list[lis
     decoded = tokenizer.batch_decode([list(ids) for ids in responses], skip_special_tokens=False)
     out = []
     for ids, text in zip(responses, decoded):
-        pieces = [table[i] for i in ids]
+        pieces = _drop_leading_space([table[i] for i in ids], text)
         out.append(pieces if "".join(pieces) == text else streamed_pieces(tokenizer, ids))
+    return out
+
+
+def _drop_leading_space(pieces: list[str], text: str) -> list[str]:
+    """The pieces without the whitespace they carry before `text` starts: the space that a SentencePiece or
+    word-level decoder drops before a response's first word (the anchor made the first piece keep it)."""
+    joined = "".join(pieces)
+    extra = len(joined) - len(text)
+    if extra <= 0 or joined[extra:] != text or joined[:extra].strip():
+        return pieces
+    out = list(pieces)
+    for k, piece in enumerate(out):
+        cut = min(extra, len(piece))
+        out[k], extra = piece[cut:], extra - cut
+        if extra == 0:
+            break
     return out
