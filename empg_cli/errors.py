@@ -13,6 +13,14 @@ class BadUsage(EmpgError):
     """A flag, path or hyperparameter that cannot be used as given."""
 
 
+class OutputBusy(BadUsage):
+    """Another live run is writing the same output path."""
+
+
+class OutputExists(BadUsage):
+    """The output exists (or appeared while this run was writing it) and --overwrite was not given."""
+
+
 class ModelLoadError(EmpgError):
     """The model or tokenizer cannot be loaded as asked (missing, unsafe format, no chat template)."""
 

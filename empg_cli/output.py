@@ -34,7 +34,7 @@ from typing import Iterable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import BadUsage
+from .errors import BadUsage, OutputBusy, OutputExists
 
 LOCK_PATIENCE_S = 0.5
 """How long a held lock is retried before `OutputBusy`: covers another run's brief sweep of dead files only."""
@@ -43,16 +43,13 @@ _SIDECAR = re.compile(r"\.empg-([0-9a-f]{16})\.(tmp|lock)")
 """The files a dead run can leave beside an output (work folders are kept: a rerun resumes from them)."""
 
 
-class OutputBusy(BadUsage):
-    """Another live run is writing the same output path."""
-
-
-class OutputExists(BadUsage):
-    """The output exists (or appeared while this run was writing) and --overwrite was not given."""
-
-
 def sidecar(output: Path, suffix: str) -> Path:
-    """`.empg-<key>.<suffix>` beside the output, <key> = 16 hex digits of sha256(real path of the output)."""
+    """`.empg-<key>.<suffix>` beside the output, <key> = 16 hex digits of sha256(real path of the output).
+
+    For files or folders a writer keeps beside its output (the scoring work folder: `sidecar(output, "work")`):
+    create and change them only inside `atomic_output(output)`, which holds the key's lock; one found on entry
+    is a dead run's, to resume from or remove. Suffixes other than tmp and lock are never swept.
+    """
     target = Path(os.path.realpath(output))
     key = hashlib.sha256(os.fsencode(target)).hexdigest()[:16]
     return target.parent / f".empg-{key}.{suffix}"
@@ -69,7 +66,10 @@ def atomic_output(output: Path, *, overwrite: bool = False, inputs: Iterable[Pat
     output = Path(output)
     target = Path(os.path.realpath(output))
     _check_target(output, target, inputs)
-    lock = _lock(sidecar(output, "lock"), LOCK_PATIENCE_S)
+    try:
+        lock = _lock(sidecar(output, "lock"), LOCK_PATIENCE_S)
+    except OSError as exc:
+        raise BadUsage(f"cannot write in the output folder {output.parent} ({exc.strerror})") from exc
     if lock is None:
         raise OutputBusy(f"another empg run is writing {output}; wait for it to finish or choose another -o")
     temp = sidecar(output, "tmp")
@@ -142,10 +142,7 @@ def _lock(path: Path, patience: float) -> int | None:
     """
     deadline = time.monotonic() + patience
     while True:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
-        except OSError as exc:
-            raise BadUsage(f"cannot write in the output folder {path.parent} ({exc.strerror})") from exc
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -175,10 +172,13 @@ def _remove_dead_files(folder: Path) -> None:
     keys = {m.group(1) for m in map(_SIDECAR.fullmatch, os.listdir(folder)) if m}
     for key in keys:
         lock_path = folder / f".empg-{key}.lock"
-        fd = _lock(lock_path, 0)
-        if fd is not None:
-            (folder / f".empg-{key}.tmp").unlink(missing_ok=True)
-            _unlock(lock_path, fd)
+        with suppress(OSError):  # another user's files may be beyond our rights: theirs to clean up
+            fd = _lock(lock_path, 0)
+            if fd is not None:
+                try:
+                    (folder / f".empg-{key}.tmp").unlink(missing_ok=True)
+                finally:
+                    _unlock(lock_path, fd)
 
 
 def _commit(temp: Path, target: Path, output: Path, overwrite: bool) -> None:

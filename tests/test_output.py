@@ -19,8 +19,8 @@ import pytest
 import empg_cli.pipeline as pipeline
 from conftest import random_rollouts, write_rollouts
 from empg_cli.cli import main
-from empg_cli.errors import BadUsage
-from empg_cli.output import OutputBusy, atomic_output, sidecar, write_parquet
+from empg_cli.errors import OutputExists
+from empg_cli.output import atomic_output, sidecar, write_parquet
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -165,7 +165,7 @@ def test_without_hard_links_the_commit_still_refuses_to_replace(tmp_path, monkey
     with atomic_output(target) as temp:
         temp.write_text("mine")
     assert target.read_text() == "mine"
-    with pytest.raises(BadUsage, match="appeared while"):
+    with pytest.raises(OutputExists, match="appeared while"):
         with atomic_output(tmp_path / "late.txt") as temp:
             (tmp_path / "late.txt").write_text("theirs")
             temp.write_text("mine")
