@@ -1,7 +1,7 @@
-"""A straightforward per-row Python loop of SPEC 3.1-3.3 (GRPO base, EMPG, AEM), the baseline of the advantage case.
+"""A straightforward per-row Python loop of the advantages (GRPO base, EMPG, AEM), the baseline of the advantage case.
 
-Written from the SPEC alone with dicts keyed by trajectory / group / batch; no polars, no numpy. Default
-hyperparameters of AdvantageConfig: k = k' = 1, zeta = 0.1, empg_norm = mean, tau = 1, batch = (run, iteration).
+Written from docs/method.md alone with dicts keyed by trajectory / group / batch; no polars, no numpy. Default
+hyperparameters of AdvantageConfig: k = k' = 1, zeta = 0.1, empg_norm = mean, tau = 1, delta = 0.1, batch = (run, iteration).
 """
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ import math
 from collections import defaultdict
 from typing import Sequence
 
-EPS_STD = 1e-6    # SPEC 3.1
-EPS_RANGE = 1e-8  # SPEC 3.2 / 3.3
+EPS_STD = 1e-6    # docs/method.md: GRPO's std epsilon
+EPS_RANGE = 1e-8  # docs/method.md: H_norm's range epsilon; AEM's group is flat within it even at delta = 0
 
 
 def loop_advantages(rows: Sequence[dict], k: float = 1.0, k_future: float = 1.0, zeta: float = 0.1,
-                    tau: float = 1.0) -> dict[str, list[float]]:
+                    tau: float = 1.0, min_range: float = 0.1) -> dict[str, list[float]]:
     """The nine advantage columns for a list of step dicts (run, iteration, group_id, traj_id, step, reward,
     step_entropy), in the rows' order."""
     traj = lambda r: (r["run"], r["iteration"], r["group_id"], r["traj_id"])  # noqa: E731
@@ -24,7 +24,7 @@ def loop_advantages(rows: Sequence[dict], k: float = 1.0, k_future: float = 1.0,
     for r in rows:
         if r["reward"] is not None:
             reward[traj(r)] = float(r["reward"])
-    # A_i: GRPO within the group (SPEC 3.1)
+    # A_i: GRPO within the group (docs/method.md)
     members: dict[tuple, list[tuple]] = defaultdict(list)
     for key in reward:
         members[key[:3]].append(key)
@@ -39,7 +39,7 @@ def loop_advantages(rows: Sequence[dict], k: float = 1.0, k_future: float = 1.0,
         s = math.sqrt(sum((x - m) ** 2 for x in rs) / (n - 1))
         for key in keys:
             adv[key] = (reward[key] - m) / (s + EPS_STD)
-    # EMPG (SPEC 3.2): H_norm, g and A_mod per batch
+    # EMPG (docs/method.md): H_norm, g and A_mod per batch
     batch_h: dict[tuple, list[float]] = defaultdict(list)
     for r in rows:
         batch_h[(r["run"], r["iteration"])].append(r["step_entropy"])
@@ -69,7 +69,7 @@ def loop_advantages(rows: Sequence[dict], k: float = 1.0, k_future: float = 1.0,
         mod_sum[b] += ai
     a_empg = [ai - mod_sum[(r["run"], r["iteration"])] / count[(r["run"], r["iteration"])]
               for r, ai in zip(rows, a_mod)]
-    # AEM (SPEC 3.3) per group
+    # AEM (docs/method.md) per group
     group_u: dict[tuple, list[float]] = defaultdict(list)
     for r in rows:
         group_u[traj(r)[:3]].append(r["step_entropy"])
@@ -80,14 +80,14 @@ def loop_advantages(rows: Sequence[dict], k: float = 1.0, k_future: float = 1.0,
     for r in rows:
         key = traj(r)[:3]
         spread = u_hi[key] - u_lo[key]
-        un = 0.0 if spread <= EPS_RANGE else (r["step_entropy"] - u_lo[key]) / spread
+        un = 0.0 if spread < min_range or spread <= EPS_RANGE else (r["step_entropy"] - u_lo[key]) / spread
         u_norm.append(un)
         w_scale.append(math.exp(-un / tau))
         w_sum[key] += w_scale[-1]
     w = []
     for r, sc in zip(rows, w_scale):
         key = traj(r)[:3]
-        flat = u_hi[key] - u_lo[key] <= EPS_RANGE
+        flat = u_hi[key] - u_lo[key] < min_range or u_hi[key] - u_lo[key] <= EPS_RANGE
         w.append(1.0 if flat else sc / (w_sum[key] / len(group_u[key])))
     base = [adv[traj(r)] for r in rows]
     return {"traj_reward": [reward[traj(r)] for r in rows], "adv_base": base, "empg_h_norm": h_norm, "empg_g": g,

@@ -1,6 +1,6 @@
 """The naive trainer-style scorer: the reference of what users run today, and the accuracy reference.
 
-Written from SPEC 3 without empg_cli: every step is its own sequence `prompt_ids + response_ids`,
+Written from docs/method.md without empg_cli: every step is its own sequence `prompt_ids + response_ids`,
 right-padded into batches of a fixed number of rows in file order (a trainer's micro-batch), one full
 `model(input_ids, attention_mask)` forward, its logits cast to float32 at every position, a full-vocabulary
 `log_softmax`, the entropy H = -sum_v p_v log p_v (nats) at every position, and the step entropy as the

@@ -9,7 +9,7 @@ Cases (one function each, deterministic seeds, random models saved as safetensor
                scorer (bench/naive.py) and vs bare forward passes over exactly the sequences empg scores
   grpo         single-turn GRPO groups (no prefix to share), same comparisons
   memory       one 16k-token trajectory, 152k-vocab model: peak RSS of `score_file` in a fresh process
-  advantages   10M steps: `compute_advantages` vs a per-row Python loop (bench/loop.py)
+  advantages   10M steps: `advantage_table` vs a per-row Python loop (bench/loop.py)
   gpu          (--gpu) a model of Qwen2.5-0.5B's shapes in bfloat16 on cuda: multi-turn speed vs the naive scorer and
                the forward floors on the same GPU, float32 agreement, peak GPU memory on a 16k-token trajectory
 """
@@ -43,7 +43,7 @@ from data import ModelSpec, Rollouts, advantage_frame, build_model, multi_turn, 
 from loop import loop_advantages  # noqa: E402
 from naive import naive_step_entropies  # noqa: E402
 
-from empg_cli.advantages import ADVANTAGE_COLUMNS, compute_advantages  # noqa: E402
+from empg_cli.advantages import ADVANTAGE_COLUMNS, advantage_table  # noqa: E402
 from empg_cli.config import AdvantageConfig, ScoreConfig  # noqa: E402
 from empg_cli.pipeline import Progress, score_file  # noqa: E402
 from empg_cli.scoring import token_budget_batches  # noqa: E402
@@ -295,7 +295,7 @@ def case_memory(work: Path, model_dir: Path, weights_bytes: int, quick: bool) ->
 
 
 def case_advantages(quick: bool) -> tuple[list[Row], dict[str, Any]]:
-    """compute_advantages on 10M steps vs a per-row Python loop on a 200k-step subset (whole groups)."""
+    """advantage_table on 10M steps vs a per-row Python loop on a 200k-step subset (whole groups)."""
     iterations, groups = (2, 2_000) if quick else (10, 31_250)  # x 8 trajectories x 4 steps = 10M steps
     frame = advantage_frame(np.random.default_rng(4), iterations=iterations, groups=groups, group_size=8, steps=4)
     subset_groups = 500 if quick else 6_250                           # x 32 steps = 200k steps
@@ -305,9 +305,9 @@ def case_advantages(quick: bool) -> tuple[list[Row], dict[str, Any]]:
     subset_dicts = subset.to_dicts()
 
     print("  warm-up (advantages)", flush=True)
-    compute_advantages(subset, cfg)
-    best = best_of("advantages", {"library 10M": lambda: compute_advantages(frame, cfg),
-                    "library subset": lambda: compute_advantages(subset, cfg),
+    advantage_table(subset, cfg)
+    best = best_of("advantages", {"library 10M": lambda: advantage_table(frame, cfg),
+                    "library subset": lambda: advantage_table(subset, cfg),
                     "loop subset": lambda: loop_advantages(subset_dicts)},
                    {"library 10M": REPEATS, "library subset": REPEATS, "loop subset": 1 if not quick else 2})
     lib_s, loop_s, sub_s = best["library 10M"][0], best["loop subset"][0], best["library subset"][0]
@@ -315,12 +315,12 @@ def case_advantages(quick: bool) -> tuple[list[Row], dict[str, Any]]:
     max_diff = max(float(np.max(np.abs(library[c].to_numpy() - np.asarray(looped[c])))) for c in ADVANTAGE_COLUMNS)
     n, m = frame.height, subset.height
     lib_rate, loop_rate = n / lib_s, m / loop_s
-    rows = [Row("advantages", f"compute_advantages, {n:,} steps (polars, {THREADS} threads)", lib_s,
+    rows = [Row("advantages", f"advantage_table, {n:,} steps (polars, {THREADS} threads)", lib_s,
                 f"{lib_rate:,.0f} steps/s", "", "<= 10 s", lib_s <= 10.0),
             Row("advantages", f"per-row Python loop, {m:,}-step subset", loop_s, f"{loop_rate:,.0f} steps/s"),
             Row("advantages", "library steps/s vs loop steps/s", None, "", f"{lib_rate / loop_rate:,.0f}x", ">= 100x",
                 lib_rate / loop_rate >= 100),
-            Row("advantages", f"  compute_advantages on the same {m:,}-step subset", sub_s,
+            Row("advantages", f"  advantage_table on the same {m:,}-step subset", sub_s,
                 f"{m / sub_s:,.0f} steps/s"),
             Row("advantages", "max |library - loop| over the 9 advantage columns (subset)", None, "",
                 f"{max_diff:.2e}", "<= 1e-9", max_diff <= 1e-9)]

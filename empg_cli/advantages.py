@@ -1,4 +1,4 @@
-"""Base advantage (SPEC 3.1), EMPG (3.2, arXiv 2509.09265) and AEM (3.3, arXiv 2605.00425) as polars expressions.
+"""Base advantage, EMPG (arXiv 2509.09265) and AEM (arXiv 2605.00425) as polars expressions (docs/method.md).
 
 Everything is a window over explicit keys, so the result does not depend on row order. Each stage reads only
 columns written by earlier stages: polars evaluates a window nested in another window inside the outer
@@ -27,7 +27,7 @@ def trajectory_reward(reward_agg: str) -> pl.Expr:
 
 
 def base_advantage(estimator: str) -> pl.Expr:
-    """A_i over the trajectories of a group (SPEC 3.1), counting each trajectory once (at its step 0).
+    """A_i over the trajectories of a group (docs/method.md, base advantage), counting each trajectory once (at its step 0).
 
     With n members, mean m and unbiased std s of R over the group:
     grpo (R - m) / (s + eps), drgrpo R - m, rloo n/(n-1) (R - m), reinforce R; a group of one: R (grpo: R / (1 + eps)).
@@ -49,7 +49,7 @@ def base_advantage(estimator: str) -> pl.Expr:
 
 
 def empg_stages(cfg: AdvantageConfig) -> list[list[pl.Expr]]:
-    """EMPG per step, normalised over the batch B (SPEC 3.2); `_next` is the row of step t+1 (-1 at the last)."""
+    """EMPG per step, normalised over the batch B (docs/method.md, EMPG); `_next` is the row of step t+1 (-1 at the last)."""
     h = pl.col("step_entropy")
     h_norm = (h - h.min().over(BATCH)) / (h.max().over(BATCH) - h.min().over(BATCH) + EPS_RANGE)
     scale = (-cfg.k * pl.col("empg_h_norm")).exp()
@@ -64,14 +64,20 @@ def empg_stages(cfg: AdvantageConfig) -> list[list[pl.Expr]]:
             [a_empg.alias("adv_empg")]]
 
 
-def aem_stages(cfg: AdvantageConfig) -> list[list[pl.Expr]]:
-    """AEM per response, normalised over the group G (SPEC 3.3, our reading of the AEM paper's Sec. 4.2).
+def flat_group(spread: pl.Expr, min_range: float | pl.Expr) -> pl.Expr:
+    """AEM's flat-group rule: the group's entropy spread max_G u - min_G u is below delta (or within EPS_RANGE of 0,
+    so that delta = 0 still keeps an exactly flat group at w = 1 despite round-off)."""
+    return (spread < min_range) | (spread <= EPS_RANGE)
 
-    u = H_t (length-normalised response entropy); a flat group (max - min <= eps) gets w = 1.
+
+def aem_stages(cfg: AdvantageConfig) -> list[list[pl.Expr]]:
+    """AEM per response, normalised over the group G (docs/method.md, AEM: our reading of the paper's Sec. 4.2).
+
+    u = H_t (length-normalised response entropy); a flat group (spread below delta = aem_min_range) gets w = 1.
     """
     u = pl.col("step_entropy")
     u_min, u_max = pl.col("_u_min"), pl.col("_u_max")
-    flat = (u_max - u_min) <= EPS_RANGE
+    flat = flat_group(u_max - u_min, cfg.aem_min_range)
     u_norm = pl.when(flat).then(0.0).otherwise((u - u_min) / (u_max - u_min))
     scale = (-pl.col("aem_u_norm") / cfg.aem_tau).exp()
     w = pl.when(flat).then(1.0).otherwise(scale / scale.mean().over(GROUP))  # mean_G w = 1
@@ -124,11 +130,11 @@ def _trajectory_structure(steps: pl.DataFrame, batch: list[str]) -> pl.DataFrame
     return pl.DataFrame(columns).with_columns(steps.select(pl.struct(batch).rank("dense").alias(BATCH)))
 
 
-def compute_advantages(steps: pl.DataFrame, cfg: AdvantageConfig) -> pl.DataFrame:
+def advantage_table(steps: pl.DataFrame, cfg: AdvantageConfig) -> pl.DataFrame:
     """ADVANTAGE_COLUMNS for a step frame, in the frame's row order.
 
     `steps` has the trajectory keys, `step`, `reward`, `step_entropy`, the batch-key columns and, for
-    `--estimator column`, `advantage`; rewards are validated (rollouts.open_rollouts) beforehand.
+    `--estimator column`, `advantage`, validated beforehand (validation.check_keys).
     """
     frame = (pl.concat([steps, _trajectory_structure(steps, list(cfg.batch_key))], how="horizontal")
              .with_columns(trajectory_reward(cfg.reward_agg))

@@ -42,6 +42,8 @@ ZETA = typer.Option(None, "--zeta", help="EMPG future-clarity weight zeta >= 0; 
 EMPG_NORM = typer.Option(None, "--empg-norm",
                          help="EMPG batch normalisation; default mean.")
 AEM_TAU = typer.Option(None, "--aem-tau", help="AEM temperature tau > 0; default 1.0.")
+AEM_MIN_RANGE = typer.Option(None, "--aem-min-range", help="AEM flat-group threshold delta >= 0 (nats): a group "
+                             "whose step entropies span less keeps weight 1; default 0.1.")
 BATCH_KEY = typer.Option(None, "--batch-key", help="Column(s) defining EMPG's batch; repeat or comma-separate "
                                                    "(default: run,iteration).")
 
@@ -73,10 +75,10 @@ def _reported(debug: bool) -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
-def _advantage_flags(estimator, reward_agg, k, k_future, zeta, empg_norm, aem_tau, batch_key) -> dict:
+def _advantage_flags(estimator, reward_agg, k, k_future, zeta, empg_norm, aem_tau, aem_min_range, batch_key) -> dict:
     keys = tuple(part.strip() for item in batch_key or [] for part in item.split(",") if part.strip()) or None
     return dict(estimator=estimator, reward_agg=reward_agg, k=k, k_future=k_future, zeta=zeta, empg_norm=empg_norm,
-                aem_tau=aem_tau, batch_key=keys)
+                aem_tau=aem_tau, aem_min_range=aem_min_range, batch_key=keys)
 
 
 def _default_output(path: Path, suffix: str) -> Path:
@@ -113,7 +115,8 @@ def score(
                                        help="Rescore with the model, or average the logged token_entropy."),
     estimator: Optional[Estimator] = ESTIMATOR, reward_agg: Optional[RewardAgg] = REWARD_AGG, k: Optional[float] = K,
     k_future: Optional[float] = K_FUTURE, zeta: Optional[float] = ZETA, empg_norm: Optional[EmpgNorm] = EMPG_NORM,
-    aem_tau: Optional[float] = AEM_TAU, batch_key: Optional[list[str]] = BATCH_KEY,
+    aem_tau: Optional[float] = AEM_TAU, aem_min_range: Optional[float] = AEM_MIN_RANGE,
+    batch_key: Optional[list[str]] = BATCH_KEY,
     batch_tokens: int = typer.Option(8192, "--batch-tokens", help="Token budget of one forward batch."),
     token_level: bool = typer.Option(False, "--token-level", help="Also write per-token lists for token-level losses."),
     truncate_prompt: Truncation = typer.Option("none", "--truncate-prompt",
@@ -131,7 +134,7 @@ def score(
     with _reported(debug):
         from .pipeline import score_file
         adv = advantage_config_from(None, **_advantage_flags(estimator, reward_agg, k, k_future, zeta, empg_norm,
-                                                             aem_tau, batch_key))
+                                                             aem_tau, aem_min_range, batch_key))
         cfg = ScoreConfig(model=model, device=device, dtype=dtype, temperature=temperature,
                           entropy_source=entropy_source, batch_tokens=batch_tokens, token_level=token_level,
                           truncate_prompt=truncate_prompt, prefix_sharing=prefix_sharing, allow_pickle=allow_pickle,
@@ -182,7 +185,8 @@ def advantages(
     overwrite: bool = OVERWRITE,
     estimator: Optional[Estimator] = ESTIMATOR, reward_agg: Optional[RewardAgg] = REWARD_AGG, k: Optional[float] = K,
     k_future: Optional[float] = K_FUTURE, zeta: Optional[float] = ZETA, empg_norm: Optional[EmpgNorm] = EMPG_NORM,
-    aem_tau: Optional[float] = AEM_TAU, batch_key: Optional[list[str]] = BATCH_KEY,
+    aem_tau: Optional[float] = AEM_TAU, aem_min_range: Optional[float] = AEM_MIN_RANGE,
+    batch_key: Optional[list[str]] = BATCH_KEY,
     debug: bool = DEBUG,
 ) -> None:
     """Recompute only the advantages of a scored file (no model), for hyperparameter sweeps.
@@ -193,7 +197,7 @@ def advantages(
         from .pipeline import advantages_file
         summary = advantages_file(input, output or _default_output(input, "adv"),
                                   _advantage_flags(estimator, reward_agg, k, k_future, zeta, empg_norm, aem_tau,
-                                                   batch_key), overwrite=overwrite)
+                                                   aem_min_range, batch_key), overwrite=overwrite)
         _print_summary(summary)
 
 
@@ -206,7 +210,7 @@ def dynamics(
 ) -> None:
     """Entropy drift over iterations and gradient-norm coupling (EMPG Proposition 1)."""
     with _reported(debug):
-        from .dynamics import load_scored
+        from .library import load_scored
         from .plots import plot_dynamics
         for path in plot_dynamics(load_scored(inputs), out_dir, fmt):
             typer.echo(f"wrote {path}")
@@ -222,9 +226,9 @@ def audit(
 ) -> None:
     """Credit-assignment report: confident/uncertain x success/failure, top cases, invariants, correlations."""
     with _reported(debug):
-        from .credit_report import build_audit, render_audit
-        from .dynamics import load_scored
-        rendered = render_audit(build_audit(load_scored([input]), top=top), fmt)
+        from .credit_report import render_audit
+        from .library import audit as audit_report
+        rendered = render_audit(audit_report(input, top=top), fmt)
         if isinstance(rendered, str):
             typer.echo(rendered)
         else:

@@ -26,7 +26,7 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 @dataclass(frozen=True)
 class AdvantageConfig:
-    """Hyperparameters of the base advantage, EMPG (SPEC 3.2) and AEM (SPEC 3.3)."""
+    """Hyperparameters of the base advantage, EMPG and AEM (docs/method.md)."""
 
     estimator: str = "grpo"
     """Base advantage A_i: grpo, drgrpo, rloo, reinforce, or column (the input's `advantage`)."""
@@ -42,6 +42,8 @@ class AdvantageConfig:
     """EMPG batch normalisation: `mean` (A_mod - mean_B) or `meanstd` (also divide by std_B)."""
     aem_tau: float = 1.0
     """AEM temperature tau in w = exp(-u_norm / tau) / mean_G exp(-u_norm / tau)."""
+    aem_min_range: float = 0.1
+    """AEM flat-group threshold delta (nats): a group whose entropies span less than delta keeps w = 1."""
     batch_key: tuple[str, ...] = ("run", "iteration")
     """Columns whose values define a batch B, EMPG's normalisation scope (one policy update)."""
 
@@ -52,6 +54,8 @@ class AdvantageConfig:
         for flag, value in (("--k", self.k), ("--k-future", self.k_future), ("--zeta", self.zeta)):
             if not value >= 0:  # also rejects NaN
                 raise BadUsage(f"{flag} must be >= 0; got {value}")
+        if not self.aem_min_range >= 0:
+            raise BadUsage(f"--aem-min-range must be >= 0; got {self.aem_min_range}")
         if not self.aem_tau > 0:
             raise BadUsage(f"--aem-tau must be > 0; got {self.aem_tau}")
         if not self.batch_key:
@@ -112,6 +116,6 @@ def advantage_config_from(stored: dict[str, Any] | None, **overrides: Any) -> Ad
 
 
 EPS_STD = 1e-6
-"""Added to a standard deviation before dividing (GRPO's (R - m) / (s + 1e-6), SPEC 3.1)."""
+"""Added to a standard deviation before dividing (GRPO's (R - m) / (s + 1e-6); docs/method.md)."""
 EPS_RANGE = 1e-8
-"""Added to a min-max range before dividing, and the flatness threshold of AEM (SPEC 3.2, 3.3)."""
+"""Added to a min-max range before dividing (EMPG's H_norm); AEM's group is flat within it even at delta = 0."""

@@ -1,4 +1,4 @@
-"""The credit-assignment report of `empg audit` (SPEC 6): built from `dynamics` tables, rendered three ways.
+"""The credit-assignment report of `empg audit` (docs/audit.md): built from `dynamics` tables, rendered three ways.
 
 The JSON form is the report dict itself (schema "empg.audit.v1", documented in docs/audit.md); the table and
 markdown forms show the same sections.
@@ -97,7 +97,7 @@ def _sections(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[st
          _top_rows(report["confident_mistakes"])),
         ("Uncertain successes: highest-entropy steps of successful trajectories", TOP_HEADERS,
          _top_rows(report["uncertain_successes"])),
-        ("Invariants (SPEC 3)", ["check", "scope", "checked", "max |deviation|", "tolerance", "result"], invariants),
+        ("Invariants (docs/method.md)", ["check", "scope", "checked", "max |deviation|", "tolerance", "result"], invariants),
         ("Correlation of step entropy with gradient norm and update magnitude |A|·‖∇‖ (before/after modulation)",
          ["run", "quantity", "steps", "Pearson", "Spearman"], correlations),
     ]

@@ -1,7 +1,7 @@
-"""The numbers behind `empg plot dynamics` and `empg audit` (SPEC 6), as polars frames.
+"""The numbers behind `empg plot dynamics` and `empg audit` (docs/audit.md), as polars frames.
 
 Every function takes the frame of `load_scored`: one row per step, with `source` (one label per run per file),
-`batch` (EMPG's normalisation scope, SPEC 3.2) and the scored columns of SPEC 2.2. A trajectory succeeds when
+`batch` (EMPG's normalisation scope, docs/method.md) and the scored columns (`empg schema scored`). A trajectory succeeds when
 `traj_reward > 0`. Quantiles interpolate linearly between order statistics (numpy's default).
 """
 
@@ -14,7 +14,8 @@ from pathlib import Path
 import polars as pl
 import pyarrow as pa
 
-from .config import EPS_RANGE
+from .advantages import flat_group
+from .config import AdvantageConfig
 from .errors import BadInput
 from .rollouts import open_parquet, read_metadata, read_table
 from .schema import check_column_types, is_text
@@ -29,7 +30,7 @@ TEXT_COLUMNS = ("response", "prompt")
 `prompt` text."""
 ESTIMATORS = {"base": "adv_base", "empg": "adv_empg", "aem": "adv_aem"}
 INVARIANT_TOL = 1e-6
-"""Absolute tolerance of the SPEC 3 invariant checks (float64 sums of a few thousand terms sit far below it)."""
+"""Absolute tolerance of the invariant checks (docs/method.md) (float64 sums of a few thousand terms sit far below it)."""
 
 TRAJ = ["source", "iteration", "group_id", "traj_id"]
 GROUP = ["source", "iteration", "group_id"]
@@ -56,9 +57,14 @@ def _labels(paths: Sequence[Path]) -> list[str]:
     return stems if len(set(stems)) == len(stems) else [str(p) for p in paths]
 
 
+def _advantage_settings(schema: pa.Schema) -> dict:
+    """The advantage hyperparameters stored in the file's `empg` metadata ({} when it has none)."""
+    return (read_metadata(schema) or {}).get("advantages") or {}
+
+
 def _batch_key(path: Path, schema: pa.Schema) -> list[str]:
     """The batch key the advantages were computed with (the file's `empg` metadata), default (run, iteration)."""
-    key = list(((read_metadata(schema) or {}).get("advantages") or {}).get("batch_key") or ["run", "iteration"])
+    key = list(_advantage_settings(schema).get("batch_key") or ["run", "iteration"])
     for name in key:
         if name not in schema.names and name not in ("run", "iteration"):
             raise BadInput(path, "is the batch key of this file's advantages (empg metadata) but is missing",
@@ -91,7 +97,8 @@ def _read_one(path: Path, label: str, prefix: bool) -> tuple[pl.DataFrame, list[
         pl.col("run", "group_id", "traj_id").cast(pl.String), pl.col("iteration", "step").cast(pl.Int64),
         pl.col(*SCORED_COLUMNS).cast(pl.Float64),
         (pl.col(text).cast(pl.String) if text else pl.lit(None, pl.String)).alias("text"),
-        file=pl.lit(label), path=pl.lit(str(path)), row=pl.int_range(pl.len(), dtype=pl.Int64))
+        file=pl.lit(label), path=pl.lit(str(path)), row=pl.int_range(pl.len(), dtype=pl.Int64),
+        aem_min_range=pl.lit(float(_advantage_settings(schema).get("aem_min_range", AdvantageConfig.aem_min_range))))
     label_expr = pl.concat_str([pl.format(f"{k}={{}}", pl.col(k)) for k in batch_key], separator=", ")
     if prefix:
         label_expr = pl.format(f"{label}: {{}}", label_expr)
@@ -101,10 +108,11 @@ def _read_one(path: Path, label: str, prefix: bool) -> tuple[pl.DataFrame, list[
 
 
 def load_scored(paths: Sequence[Path]) -> pl.DataFrame:
-    """One step frame from one or more scored Parquet files (SPEC 2.2), in file order.
+    """One step frame from one or more scored Parquet files (`empg schema scored`), in file order.
 
     Columns: file, source, batch, run, iteration, group_id, traj_id, step, the scored statistics and advantages,
-    `text` (the step's `response`, else its `prompt`, else null), and the step's `path` and `row` in its file. `source` is the run name when that run is in
+    `text` (the step's `response`, else its `prompt`, else null), the step's `path` and `row` in its file, and the
+    AEM threshold delta its advantages used (`aem_min_range`, from the metadata). `source` is the run name when that run is in
     one file only, else "file:run"; `batch` names the batch-key values (from the file's `empg` metadata, default
     run and iteration), prefixed with the file when there are several. Both are Enums in file-then-key order.
     Raises BadInput for a missing, unreadable or non-scored file.
@@ -120,7 +128,7 @@ def load_scored(paths: Sequence[Path]) -> pl.DataFrame:
     batches = [b for _, order in read for b in order]
     return (frame.with_columns(pl.col("source").cast(pl.Enum(sources)), pl.col("batch").cast(pl.Enum(batches)))
             .select("file", "source", "batch", "run", "iteration", *KEY_COLUMNS, *SCORED_COLUMNS, "text", "path",
-                    "row"))
+                    "row", "aem_min_range"))
 
 
 def has_model_statistics(frame: pl.DataFrame) -> bool:
@@ -308,14 +316,16 @@ def correlations(frame: pl.DataFrame) -> pl.DataFrame:
 
 
 def invariants(frame: pl.DataFrame) -> pl.DataFrame:
-    """The SPEC 3 invariants: mean_B g = 1 and mean_B A_empg = 0 per batch, mean_G w = 1 per non-flat group G.
+    """The invariants of docs/method.md: mean_B g = 1 and mean_B A_empg = 0 per batch, mean_G w = 1 per group G
+    whose entropy spread is at least delta (`aem_min_range`; flatter groups keep w = 1 by rule).
 
     One row each: scope, n_checked, max_abs_deviation (null when nothing was checked), tolerance, passed.
     """
     h = pl.col("step_entropy")
     per_batch = frame.group_by("batch").agg(g=(pl.col("empg_g").mean() - 1).abs(), a=pl.col("adv_empg").mean().abs())
-    per_group = (frame.group_by(GROUP).agg(w=(pl.col("aem_w").mean() - 1).abs(), spread=h.max() - h.min())
-                 .filter(pl.col("spread") > EPS_RANGE))
+    per_group = (frame.group_by(GROUP).agg(w=(pl.col("aem_w").mean() - 1).abs(), spread=h.max() - h.min(),
+                                           delta=pl.col("aem_min_range").first())
+                 .filter(~flat_group(pl.col("spread"), pl.col("delta"))))
     checks = [("mean_B empg_g = 1", "batch", per_batch["g"]), ("mean_B adv_empg = 0", "batch", per_batch["a"]),
               ("mean_G aem_w = 1 (non-flat groups)", "group", per_group["w"])]
     return pl.DataFrame(

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import __version__
-from .advantages import ADVANTAGE_COLUMNS, compute_advantages
+from .advantages import ADVANTAGE_COLUMNS, advantage_table
 from .config import AdvantageConfig, ScoreConfig, advantage_config_from, config_to_dict
 from .errors import BadInput, BadUsage
 from .ingest.convert import TEXT_WARNING
@@ -237,7 +237,7 @@ def _token_columns(rollouts: Rollouts, lists: TokenLists | None) -> dict[str, pa
 
 def _advantage_columns(steps: pl.DataFrame, cfg: AdvantageConfig, n_tokens: np.ndarray,
                        token_level: bool) -> dict[str, pa.Array]:
-    adv = compute_advantages(steps, cfg)
+    adv = advantage_table(steps, cfg)
     columns = {c: adv[c].to_arrow() for c in ADVANTAGE_COLUMNS}
     if token_level:
         counts = pl.Series(n_tokens.astype(np.int64))
@@ -272,7 +272,7 @@ def _metadata(rollouts: Rollouts, score: ScoreConfig | None, advantages: Advanta
 def score_file(input_path: Path, output_path: Path, score: ScoreConfig, advantages: AdvantageConfig, *,
                overwrite: bool = False, progress: Progress | None = None,
                rows_per_chunk: int = ROWS_PER_CHUNK) -> Summary:
-    """Validate, rescore (or take logged entropies), compute advantages, write the scored table (SPEC 4)."""
+    """Validate, rescore (or take logged entropies), compute advantages, write the scored table (docs/cli.md)."""
     progress = progress or Progress()
     with atomic_output(output_path, overwrite=overwrite, inputs=[input_path]) as temp:
         started = time.perf_counter()

@@ -1,4 +1,4 @@
-"""The figures of `empg plot dynamics` (SPEC 6), drawn from the tables of `dynamics`.
+"""The figures of `empg plot dynamics` (docs/method.md, figures), drawn from the tables of `dynamics`.
 
 Matplotlib's object API with the Agg canvas (no pyplot, no display, no global state); the Okabe–Ito palette,
 which stays distinguishable under the common colour-vision deficiencies (https://jfly.uni-koeln.de/color/).

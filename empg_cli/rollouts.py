@@ -1,4 +1,4 @@
-"""Read and validate rollouts (SPEC 2.1); stream scored tables with their `empg` metadata (SPEC 2.2)."""
+"""Read and validate rollouts; stream scored tables with their `empg` metadata (docs/method.md)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .config import AdvantageConfig
-from .errors import BadInput, BadUsage
+from .errors import BadInput
 from .schema import TRAJ_KEYS, check_column_types, check_required_columns, is_text, load_schema
-from .validation import check_steps, check_value_per_trajectory, first_true, key_frame
+from .validation import check_keys, first_true
 
 METADATA_KEY = b"empg"
 
@@ -101,7 +101,7 @@ def _check_nonempty(table: pa.Table, path: Path, column: str, offset: int) -> No
                 raise BadInput(path, f"a message has a null {part}", column=column, row=offset + int(parent))
 
 
-def _check_token_entropy(table: pa.Table, path: Path, required: bool, offset: int) -> None:
+def check_token_entropy(table: pa.Table, path: Path, required: bool, offset: int) -> None:
     """Logged entropies (rows from `offset`): finite, >= 0, one per response token when response_ids say how many."""
     array = table.column("token_entropy")
     if required:
@@ -126,7 +126,7 @@ def _check_token_entropy(table: pa.Table, path: Path, required: bool, offset: in
 
 def open_rollouts(path: Path, advantages: AdvantageConfig, *, entropy_source: str = "model",
                   scored: bool = False) -> Rollouts:
-    """Read and validate a rollouts file (or, with `scored`, a scored file) per SPEC 2.1.
+    """Read and validate a rollouts file (or, with `scored`, a scored file) per the data model of docs/method.md.
 
     The key columns are read whole; prompt, response and entropy columns are checked chunk by chunk.
     Raises BadInput naming the file, column and first offending row or trajectory.
@@ -144,21 +144,12 @@ def open_rollouts(path: Path, advantages: AdvantageConfig, *, entropy_source: st
         if present:
             raise BadInput(path, "is already present: this looks like a scored file; recompute advantages with "
                                  "`empg advantages`, or drop the column", column=present[0])
-    for key in advantages.batch_key:
-        if key not in schema.names and key not in ("run", "iteration"):
-            raise BadUsage(f"--batch-key column '{key}' is not in {path}")
-    if advantages.estimator == "column" and "advantage" not in schema.names:
-        raise BadInput(path, "--estimator column needs the column 'advantage'")
     if entropy_source == "logged" and "token_entropy" not in schema.names:
         raise BadInput(path, "--entropy-source logged needs the column 'token_entropy' "
                              "(per-token entropies logged at generation time)")
-    extra = tuple(k for k in advantages.batch_key if k not in TRAJ_KEYS and k != "step")
-    keys = [c for c in (*TRAJ_KEYS, "step", "reward", *extra, "advantage") if c in schema.names]
-    frame = key_frame(read_table(path, keys), path, tuple(dict.fromkeys(extra)))
-    check_steps(frame, path)
-    check_value_per_trajectory(frame, path, "reward", advantages.reward_agg)
-    if advantages.estimator == "column":
-        check_value_per_trajectory(frame, path, "advantage", None)
+    keys = [c for c in dict.fromkeys((*TRAJ_KEYS, "step", "reward", *advantages.batch_key, "advantage"))
+            if c in schema.names]
+    frame = check_keys(read_table(path, keys), path, advantages)
     rollouts = Rollouts(path, schema, frame, input_column, output_column, read_metadata(schema))
     if not scored:
         content = [input_column, output_column] + [c for c in ("response_ids", "token_entropy") if c in schema.names]
@@ -166,7 +157,7 @@ def open_rollouts(path: Path, advantages: AdvantageConfig, *, entropy_source: st
             _check_nonempty(chunk, path, input_column, offset)
             _check_nonempty(chunk, path, output_column, offset)
             if "token_entropy" in chunk.column_names:
-                _check_token_entropy(chunk, path, entropy_source == "logged", offset)
+                check_token_entropy(chunk, path, entropy_source == "logged", offset)
     return rollouts
 
 

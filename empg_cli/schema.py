@@ -75,13 +75,18 @@ def check_column_types(schema_: pa.Schema, path: str | Path, name: str) -> None:
                                      f"(see `empg schema {name}`)", column=col["name"])
 
 
+def check_key_columns(names: list[str], path: str | Path) -> None:
+    """The always-required rollout columns (group_id, traj_id, step, reward) are among `names`."""
+    for col in load_schema("rollouts")["columns"]:
+        if col["required"] is True and col["name"] not in names:
+            raise BadInput(path, f"required column '{col['name']}' is missing; the rollouts schema is "
+                                 f"`empg schema rollouts`")
+
+
 def check_required_columns(schema_: pa.Schema, path: str | Path) -> tuple[str, str]:
     """Required rollout columns are present; returns the chosen (input, output) columns, ids before text."""
     schema = load_schema("rollouts")
-    for col in schema["columns"]:
-        if col["required"] is True and col["name"] not in schema_.names:
-            raise BadInput(path, f"required column '{col['name']}' is missing; the rollouts schema is "
-                                 f"`empg schema rollouts`")
+    check_key_columns(schema_.names, path)
     chosen = []
     for role, candidates in schema["one_of"].items():
         present = [c for c in candidates if c in schema_.names]

@@ -1,4 +1,4 @@
-"""Load a causal LM safely and rescore response tokens: per-token entropy, sum p^2 and log-prob (SPEC 3).
+"""Load a causal LM safely and rescore response tokens: per-token entropy, sum p^2 and log-prob (docs/method.md).
 
 The base model runs once per token-budget batch; the LM head is applied only at the positions that
 predict response tokens, in chunks (stats.token_stats_from_hidden), so no full-vocabulary logits are
@@ -103,7 +103,7 @@ class Policy:
 
 def load_policy(ref: str, *, device: torch.device, dtype: torch.dtype, allow_pickle: bool = False,
                 trust_remote_code: bool = False) -> Policy:
-    """Load model and tokenizer: safetensors only and no remote code unless allowed (SPEC 5)."""
+    """Load model and tokenizer: safetensors only and no remote code unless allowed (docs/method.md, files)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 

@@ -1,7 +1,7 @@
 """Token sequences to score: ids from ids / text / chat messages, and prefix-chain packing of trajectories.
 
 Text is tokenised with add_special_tokens=False; messages with the tokenizer's chat template and its
-generation prompt (SPEC 2.1). Ids win over text.
+generation prompt (docs/method.md, data model). Ids win over text.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Per-token statistics of the next-token distribution p = softmax(z / T), in float32 whatever the model dtype.
 
-From one pass of reductions over the vocabulary (SPEC 3, EMPG Proposition 1):
+From one pass of reductions over the vocabulary (docs/method.md, EMPG Proposition 1):
   H     = -sum_v p_v log p_v              Shannon entropy (nats)
   C     = sum_v p_v^2
   log p_a                                 log-prob of the sampled token a

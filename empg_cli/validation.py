@@ -13,7 +13,8 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from .errors import BadInput
+from .config import AdvantageConfig
+from .errors import BadInput, BadUsage
 from .schema import TRAJ_KEYS
 
 ROW = "_row"  # 0-based row index of the input file; every error message counts rows this way
@@ -92,3 +93,29 @@ def check_value_per_trajectory(frame: pl.DataFrame, path: Path, column: str, rew
             hint = "; pass --reward-agg sum to sum per-step rewards" if column == "reward" else ""
             raise BadInput(path, f"{column} differs within this trajectory ({', '.join(map(str, bad['values']))})"
                                  f"{hint}", column=column, trajectory=describe_trajectory(bad), row=bad[ROW])
+
+
+def check_keys(table: pa.Table, path: Path | str, advantages: AdvantageConfig) -> pl.DataFrame:
+    """The key frame of a rollouts table, checked for what the advantages need: the batch-key and (for
+    `--estimator column`) `advantage` columns present, ids set, steps 0..T-1, one reward (and advantage) per
+    trajectory. `table` holds the key columns (extra columns are ignored)."""
+    for key in advantages.batch_key:
+        if key not in table.column_names and key not in ("run", "iteration"):
+            raise BadUsage(f"--batch-key column '{key}' is not in {path}")
+    if advantages.estimator == "column" and "advantage" not in table.column_names:
+        raise BadInput(path, "--estimator column needs the column 'advantage'")
+    extra = tuple(dict.fromkeys(k for k in advantages.batch_key if k not in TRAJ_KEYS and k != "step"))
+    frame = key_frame(table, path, extra)
+    check_steps(frame, path)
+    check_value_per_trajectory(frame, path, "reward", advantages.reward_agg)
+    if advantages.estimator == "column":
+        check_value_per_trajectory(frame, path, "advantage", None)
+    return frame
+
+
+def check_step_entropy(entropy: pl.Series, path: Path | str) -> None:
+    """Step entropies H_t are set, finite and >= 0 (nats) on every row."""
+    row = first_true(entropy.is_null() | ~entropy.is_finite() | (entropy < 0))
+    if row is not None:
+        raise BadInput(path, f"step entropy {entropy[row]} is not a finite number >= 0 (nats)", column=entropy.name,
+                       row=row)

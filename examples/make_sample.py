@@ -1,4 +1,4 @@
-"""Regenerate empg's sample workload deterministically from a seed (SPEC 7).
+"""Regenerate empg's sample workload deterministically from a seed (docs/sample_data.md).
 
     noisy expert demonstrations -> byte-level BPE tokenizer -> behaviour-cloned Llama policy
     -> RL iterations, each: sample groups, `empg score`, policy-gradient step on adv_empg

@@ -1,8 +1,8 @@
-"""Slow, obvious float64 references for every formula of SPEC 3, written from the SPEC alone.
+"""Slow, obvious float64 references for every formula of docs/method.md, written from that document alone.
 
 Deliberately independent of empg_cli: plain Python loops over dicts of trajectories, groups and
 batches, `math.fsum` for sums, numpy only to hold one vocabulary row at a time. No polars and no
-production code path, so a shared mistake is unlikely. The epsilons are re-typed from SPEC 3 on
+production code path, so a shared mistake is unlikely. The epsilons are re-typed from docs/method.md on
 purpose instead of imported from empg_cli.config (a wrong constant there must show up here).
 """
 
@@ -15,12 +15,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-EPS_STD = 1e-6     # SPEC 3.1: GRPO's (R - m) / (s + 1e-6); SPEC 3.2 meanstd divisor
-EPS_RANGE = 1e-8   # SPEC 3.2: H_norm's range epsilon; SPEC 3.3: AEM's flatness threshold
+EPS_STD = 1e-6     # GRPO's (R - m) / (s + 1e-6); the meanstd divisor of EMPG
+EPS_RANGE = 1e-8   # H_norm's range epsilon; AEM's group is flat within it even at delta = 0
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-token statistics (SPEC 3, first paragraph), one vocabulary row at a time, in float64.
+# Per-token statistics (docs/method.md), one vocabulary row at a time, in float64.
 # ---------------------------------------------------------------------------------------------
 
 def softmax_row(logits_row: Sequence[float], temperature: float) -> tuple[np.ndarray, np.ndarray]:
@@ -95,7 +95,7 @@ def token_stats_ref(logits: Any, targets: Any, temperature: float) -> dict[str, 
 
 
 # ---------------------------------------------------------------------------------------------
-# Advantages (SPEC 3.1-3.3) over a list of row dicts; results come back in the rows' order.
+# Advantages (docs/method.md) over a list of row dicts; results come back in the rows' order.
 # ---------------------------------------------------------------------------------------------
 
 def _mean(values: Sequence[float]) -> float:
@@ -108,7 +108,7 @@ def _unbiased_std(values: Sequence[float]) -> float:
 
 
 def trajectory_rewards(rows: Sequence[dict], reward_agg: str) -> dict[tuple, float]:
-    """R_i per trajectory key (run, iteration, group_id, traj_id), SPEC 3.1."""
+    """R_i per trajectory key (run, iteration, group_id, traj_id)."""
     rewards: dict[tuple, list[float]] = {}
     for r in rows:
         values = rewards.setdefault((r["run"], r["iteration"], r["group_id"], r["traj_id"]), [])
@@ -126,7 +126,7 @@ def trajectory_rewards(rows: Sequence[dict], reward_agg: str) -> dict[tuple, flo
 
 
 def base_advantages(rows: Sequence[dict], estimator: str, reward_agg: str) -> dict[tuple, float]:
-    """A_i per trajectory key, SPEC 3.1, looping over groups."""
+    """A_i per trajectory key, looping over groups."""
     r_of = trajectory_rewards(rows, reward_agg)
     groups: dict[tuple, list[tuple]] = defaultdict(list)
     for key in r_of:
@@ -150,7 +150,7 @@ def base_advantages(rows: Sequence[dict], estimator: str, reward_agg: str) -> di
             elif estimator == "column":
                 adv[key] = column[key]
             elif n == 1:
-                # SPEC 3.1: grpo uses m = 0, s = 1; drgrpo and rloo give R_i.
+                # grpo uses m = 0, s = 1; drgrpo and rloo give R_i.
                 adv[key] = (big_r - 0.0) / (1.0 + EPS_STD) if estimator == "grpo" else big_r
             else:
                 m = _mean(rs)
@@ -167,8 +167,8 @@ def base_advantages(rows: Sequence[dict], estimator: str, reward_agg: str) -> di
 
 def advantages_ref(rows: Sequence[dict], *, estimator: str = "grpo", reward_agg: str = "equal", k: float = 1.0,
                    k_future: float = 1.0, zeta: float = 0.1, empg_norm: str = "mean", aem_tau: float = 1.0,
-                   batch_key: Sequence[str] = ("run", "iteration")) -> list[dict[str, float]]:
-    """All advantage columns of SPEC 2.2 for each row, in the rows' order (one dict per row)."""
+                   aem_min_range: float = 0.1, batch_key: Sequence[str] = ("run", "iteration")) -> list[dict[str, float]]:
+    """All advantage columns of the scored table for each row, in the rows' order (one dict per row)."""
     n_rows = len(rows)
     traj_key = [(r["run"], r["iteration"], r["group_id"], r["traj_id"]) for r in rows]
     group_key = [key[:3] for key in traj_key]
@@ -185,7 +185,7 @@ def advantages_ref(rows: Sequence[dict], *, estimator: str = "grpo", reward_agg:
         groups[group_key[i]].append(i)
         row_at_step[(traj_key[i], int(rows[i]["step"]))] = i
 
-    # SPEC 3.2: H_norm and g per batch.
+    # EMPG: H_norm and g per batch.
     h_norm = [0.0] * n_rows
     g = [0.0] * n_rows
     for members in batches.values():
@@ -213,13 +213,13 @@ def advantages_ref(rows: Sequence[dict], *, estimator: str = "grpo", reward_agg:
             if empg_norm == "meanstd":
                 a_empg[i] /= s + EPS_STD
 
-    # SPEC 3.3: AEM per group G (all responses of all its trajectories).
+    # AEM per group G (all responses of all its trajectories).
     u_norm = [0.0] * n_rows
     w = [1.0] * n_rows
     for members in groups.values():
         lo, hi = min(h[i] for i in members), max(h[i] for i in members)
-        if hi - lo <= EPS_RANGE:
-            continue  # flat group: w = 1 (and u_norm left at 0; SPEC 3.3 defines no u_norm here)
+        if hi - lo < aem_min_range or hi - lo <= EPS_RANGE:
+            continue  # flat group (spread below delta, or zero at delta = 0): w = 1, u_norm left at 0
         for i in members:
             u_norm[i] = (h[i] - lo) / (hi - lo)
         mean_scale = _mean([math.exp(-u_norm[i] / aem_tau) for i in members])

@@ -1,4 +1,5 @@
-"""empg_cli.advantages against the loop references of tests/reference.py and SPEC 3's invariants."""
+"""The library's compute_advantages against the loop references of tests/reference.py and the invariants of
+docs/method.md."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from empg_cli.advantages import ADVANTAGE_COLUMNS, compute_advantages
-from empg_cli.config import EPS_RANGE, EPS_STD, AdvantageConfig
+import empg_cli as empg
+from empg_cli.advantages import ADVANTAGE_COLUMNS
+from empg_cli.config import EPS_RANGE, EPS_STD
 
 try:
     from . import reference as ref
@@ -83,12 +85,15 @@ def frame(rows: list[dict]) -> pl.DataFrame:
 
 
 def library(rows: list[dict], **cfg) -> list[dict]:
-    """compute_advantages' output as one dict per input row."""
-    out = compute_advantages(frame(rows), AdvantageConfig(**cfg))
-    assert out.columns == ADVANTAGE_COLUMNS
-    assert out.height == len(rows)
-    assert all(dtype == pl.Float64 for dtype in out.dtypes)
-    return out.to_dicts()
+    """The advantage columns of empg.compute_advantages as one dict per input row; the input comes back unchanged,
+    rows in their order, the advantage columns appended."""
+    given = frame(rows)
+    out = empg.compute_advantages(given, **cfg)
+    assert out.columns == given.columns + ADVANTAGE_COLUMNS
+    assert out.select(given.columns).equals(given)
+    adv = out.select(ADVANTAGE_COLUMNS)
+    assert all(dtype == pl.Float64 for dtype in adv.dtypes)
+    return adv.to_dicts()
 
 
 def max_abs_errors(got: list[dict], want: list[dict], columns: list[str]) -> dict[str, float]:
@@ -100,7 +105,7 @@ def assert_matches_reference(rows: list[dict], columns: list[str], **cfg) -> Non
     ref_cfg = {k: (tuple(v) if k == "batch_key" else v) for k, v in cfg.items()}
     errors = max_abs_errors(library(rows, **cfg), ref.advantages_ref(rows, **ref_cfg), columns)
     bad = {c: e for c, e in errors.items() if not e <= ATOL}
-    assert not bad, f"columns off the SPEC 3 reference (largest |error|): {bad}"
+    assert not bad, f"columns off the float64 reference (largest |error|): {bad}"
 
 
 def by_key(rows: list[dict], key) -> dict[tuple, list[int]]:
@@ -118,7 +123,7 @@ def group_of(r: dict) -> tuple:
     return (r["run"], r["iteration"], r["group_id"])
 
 
-NON_DEFAULT = {"k": 2.5, "k_future": 0.5, "zeta": 0.7, "aem_tau": 0.3}
+NON_DEFAULT = {"k": 2.5, "k_future": 0.5, "zeta": 0.7, "aem_tau": 0.3, "aem_min_range": 0.8}
 
 
 # --- against the reference ------------------------------------------------------------------------
@@ -130,6 +135,9 @@ def test_base_advantage_and_aem_match_reference(estimator: str, reward_agg: str,
     rows = random_rollouts(seed)
     assert_matches_reference(rows, BASE_AND_AEM_COLUMNS, estimator=estimator, reward_agg=reward_agg)
     assert_matches_reference(rows, BASE_AND_AEM_COLUMNS, estimator=estimator, reward_agg=reward_agg, aem_tau=0.3)
+    for delta in (0.0, 1.0):
+        assert_matches_reference(rows, BASE_AND_AEM_COLUMNS, estimator=estimator, reward_agg=reward_agg,
+                                 aem_min_range=delta)
 
 
 @pytest.mark.parametrize("empg_norm", ["mean", "meanstd"])
@@ -163,7 +171,7 @@ def test_all_columns_match_reference(estimator: str, reward_agg: str, empg_norm:
 
 
 def test_f_next_uses_the_batch_normalised_entropy_of_the_next_step() -> None:
-    """Minimal case worked by hand from SPEC 3.2: one batch, entropies 0, 1 (traj a) and 2, 4 (traj b).
+    """Minimal case worked by hand from docs/method.md (EMPG): one batch, entropies 0, 1 (traj a) and 2, 4 (traj b).
 
     H_norm = H / (4 + 1e-8) over the batch, so f_next(a, step 0) = exp(-H_norm(a, step 1)) = exp(-1/(4 + 1e-8)),
     not exp(-1), which is what normalising within the trajectory would give.
@@ -196,13 +204,16 @@ def test_run_batch_key_normalises_across_iterations() -> None:
     assert any(abs(a["empg_h_norm"] - b["empg_h_norm"]) > 1e-6 for a, b in zip(out, default))
 
 
-# --- SPEC 3 invariants (hypothesis) --------------------------------------------------------------
+# --- invariants of docs/method.md (hypothesis) ----------------------------------------------------------
+
+DELTAS = st.sampled_from([0.0, 0.1, 1.5])
+
 
 @settings(max_examples=60, deadline=None)
 @given(rows=rollouts(), estimator=st.sampled_from(ESTIMATORS[:4]), empg_norm=st.sampled_from(["mean", "meanstd"]),
-       k=st.floats(0, 4), tau=st.floats(0.1, 3))
-def test_batch_and_group_invariants(rows, estimator, empg_norm, k, tau) -> None:
-    out = library(rows, estimator=estimator, empg_norm=empg_norm, k=k, aem_tau=tau)
+       k=st.floats(0, 4), tau=st.floats(0.1, 3), delta=DELTAS)
+def test_batch_and_group_invariants(rows, estimator, empg_norm, k, tau, delta) -> None:
+    out = library(rows, estimator=estimator, empg_norm=empg_norm, k=k, aem_tau=tau, aem_min_range=delta)
     for members in by_key(rows, batch_of).values():
         g = [out[i]["empg_g"] for i in members]
         a_empg = [out[i]["adv_empg"] for i in members]
@@ -213,19 +224,21 @@ def test_batch_and_group_invariants(rows, estimator, empg_norm, k, tau) -> None:
     for members in by_key(rows, group_of).values():
         hs = [rows[i]["step_entropy"] for i in members]
         w = [out[i]["aem_w"] for i in members]
-        if max(hs) - min(hs) > EPS_RANGE:
+        spread = max(hs) - min(hs)
+        if spread >= delta and spread > EPS_RANGE:
             assert math.fsum(w) / len(w) == pytest.approx(1.0, abs=1e-12), "mean_G w = 1"
+            assert min(w) < 1.0 < max(w), "a group spanning at least delta is modulated"
         else:
-            assert w == [1.0] * len(w)
+            assert w == [1.0] * len(w), "a group spanning less than delta keeps w = 1"
         for i in members:
             assert out[i]["adv_aem"] == pytest.approx(out[i]["adv_base"] * out[i]["aem_w"], abs=1e-12)
 
 
 @settings(max_examples=40, deadline=None)
 @given(rows=rollouts(flat_entropy=True), estimator=st.sampled_from(ESTIMATORS[:4]), k=st.floats(0, 4),
-       tau=st.floats(0.1, 3))
-def test_zero_entropy_spread_gives_unit_weights(rows, estimator, k, tau) -> None:
-    out = library(rows, estimator=estimator, k=k, aem_tau=tau)
+       tau=st.floats(0.1, 3), delta=DELTAS)
+def test_zero_entropy_spread_gives_unit_weights(rows, estimator, k, tau, delta) -> None:
+    out = library(rows, estimator=estimator, k=k, aem_tau=tau, aem_min_range=delta)
     for r in out:
         assert r["empg_g"] == pytest.approx(1.0, abs=1e-12)
         assert r["aem_w"] == 1.0
@@ -293,7 +306,7 @@ def one_trajectory_group(reward: float, entropies: list[float], *, last_only: bo
 @pytest.mark.parametrize("last_only", [False, True])
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_group_of_one(estimator: str, last_only: bool) -> None:
-    """SPEC 3.1: grpo uses m = 0, s = 1; drgrpo and rloo give R_i; reinforce R_i; column the column."""
+    """docs/method.md: grpo uses m = 0, s = 1; drgrpo and rloo give R_i; reinforce R_i; column the column."""
     rows = one_trajectory_group(0.75, [0.3, 1.1, 0.6], last_only=last_only)
     want = {"grpo": 0.75 / (1.0 + EPS_STD), "drgrpo": 0.75, "rloo": 0.75, "reinforce": 0.75, "column": -0.25}[estimator]
     out = library(rows, estimator=estimator)
@@ -352,7 +365,7 @@ def test_hyperparameters_change_the_result() -> None:
     rows = random_rollouts(5)
     base = library(rows)
     for name, value in (("k", 2.0), ("k_future", 3.0), ("zeta", 0.5), ("aem_tau", 0.2), ("empg_norm", "meanstd"),
-                        ("estimator", "rloo"), ("reward_agg", "sum")):
+                        ("estimator", "rloo"), ("reward_agg", "sum"), ("aem_min_range", 1.0)):
         moved = library(rows, **{name: value})
         assert any(abs(a[c] - b[c]) > 1e-9 for a, b in zip(base, moved) for c in ADVANTAGE_COLUMNS), name
 
@@ -371,3 +384,17 @@ def test_keys_too_wide_for_one_integer_sort_give_the_same_result(monkeypatch) ->
     for a, b in zip(narrow_out, wide_out):
         for name in ADVANTAGE_COLUMNS:
             assert a[name] == pytest.approx(b[name], abs=1e-12), name
+
+
+@pytest.mark.parametrize("delta, spread, flat", [(0.1, 0.0999, True), (0.1, 0.1, False), (0.5, 0.3, True),
+                                                 (0.0, 0.0, True), (0.0, 5e-9, True), (0.0, 1e-6, False)])
+def test_aem_flat_group_threshold(delta: float, spread: float, flat: bool) -> None:
+    """A group whose entropies span less than delta keeps w = 1; at delta = 0 only a spread within 1e-8 does."""
+    rows = [{"run": "r", "iteration": 0, "group_id": "g", "traj_id": t, "step": 0, "reward": float(t == "a"),
+             "step_entropy": 1.0 + h, "advantage": 0.0, "shard": "a"} for t, h in (("a", 0.0), ("b", spread))]
+    w = [r["aem_w"] for r in library(rows, aem_min_range=delta)]
+    if flat:
+        assert w == [1.0, 1.0]
+    else:  # u_norm = 0 and 1: w = exp(-u) / mean(1, e^-1)
+        mean_scale = (1.0 + math.exp(-1.0)) / 2.0
+        assert w == pytest.approx([1.0 / mean_scale, math.exp(-1.0) / mean_scale], abs=1e-12)

@@ -116,7 +116,7 @@ def test_markdown_has_one_table_row_per_figure(steps: pl.DataFrame) -> None:
         "×EMPG = mean |A_empg| / mean |A_base|, ×AEM = mean |A_aem| / mean |A_base|",
         "Confident mistakes: lowest-entropy steps of failed trajectories",
         "Uncertain successes: highest-entropy steps of successful trajectories",
-        "Invariants (SPEC 3)",
+        "Invariants (docs/method.md)",
         "Correlation of step entropy with gradient norm and update magnitude |A|·‖∇‖ (before/after modulation)"]
     body_rows = [sum(1 for line in s.splitlines() if line.startswith("| ")) - 2 for s in sections]
     assert body_rows == [32, 2, 2, 3, 8]
@@ -128,7 +128,7 @@ def test_rich_table_shows_a_failed_invariant(steps: pl.DataFrame) -> None:
     console = Console(record=True, width=220)
     console.print(render_audit(build_audit(tampered), "table"))
     text = console.export_text()
-    assert "Confident mistakes" in text and "Invariants (SPEC 3)" in text
+    assert "Confident mistakes" in text and "Invariants (docs/method.md)" in text
     line = next(line for line in text.splitlines() if "mean_B empg_g = 1" in line)
     assert "FAIL" in line and "0.01" in line
 

@@ -116,6 +116,7 @@ USAGE = [
     (["--k-future", "-0.5"], "--k-future must be >= 0"),
     (["--zeta", "-1"], "--zeta must be >= 0"),
     (["--aem-tau", "0"], "--aem-tau must be > 0; got 0.0"),
+    (["--aem-min-range", "-0.1"], "--aem-min-range must be >= 0; got -0.1"),
     (["--temperature", "0"], "--temperature must be > 0"),
     (["--estimator", "ppo"], "'ppo' is not one of 'grpo', 'drgrpo', 'rloo', 'reinforce', 'column'"),
     (["--device", "tpu"], "'tpu' is not one of 'auto', 'cpu', 'cuda', 'mps'"),
@@ -195,7 +196,7 @@ def test_internal_failure_is_exit_1_and_debug_shows_the_traceback(tmp_path, caps
 
     def boom(*args, **kwargs):
         raise RuntimeError("kaboom")
-    monkeypatch.setattr(pipeline, "compute_advantages", boom)
+    monkeypatch.setattr(pipeline, "advantage_table", boom)
     src = _write(tmp_path, rows=_rows())
     code, _, err = run_cli(capsys, "score", src, "--model", tiny_model_dir)
     assert code == 1 and err.startswith("error: internal failure (RuntimeError: kaboom)") and "Traceback" not in err

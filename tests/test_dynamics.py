@@ -13,7 +13,7 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from empg_cli import dynamics
-from empg_cli.advantages import compute_advantages
+from empg_cli.advantages import advantage_table
 from empg_cli.config import AdvantageConfig, config_to_dict
 from empg_cli.errors import BadInput
 
@@ -23,10 +23,10 @@ WORDS = "look take go open north south key door lamp inventory examine drop".spl
 def scored_steps(seed: int = 0, runs: tuple[str, ...] = ("a", "b"), iterations: int = 4, groups: int = 3,
                  trajs: int = 4, max_steps: int = 6, logged: bool = False,
                  cfg: AdvantageConfig = AdvantageConfig()) -> pl.DataFrame:
-    """A scored table (SPEC 2.2 columns) of random ragged trajectories, rows shuffled.
+    """A scored table (`empg schema scored` columns) of random ragged trajectories, rows shuffled.
 
     Entropies are rounded to 0.01 nats so that ties occur; group g0 of iteration 0 is flat (one entropy) and some
-    groups have equal rewards (A_i = 0), the degenerate cases of SPEC 3.
+    groups have equal rewards (A_i = 0), the degenerate cases of docs/method.md.
     """
     rng = np.random.default_rng(seed)
     rows = []
@@ -51,7 +51,7 @@ def scored_steps(seed: int = 0, runs: tuple[str, ...] = ("a", "b"), iterations: 
                                **{k: pl.lit(None, pl.Float64) if logged else pl.Series(v) for k, v in model.items()})
     columns = ["run", "iteration", "group_id", "traj_id", "step", "reward", "response", "n_response_tokens",
                "step_entropy", *model]
-    return pl.concat([frame.select(columns), compute_advantages(frame, cfg)], how="horizontal")
+    return pl.concat([frame.select(columns), advantage_table(frame, cfg)], how="horizontal")
 
 
 def write_scored(path: Path, frame: pl.DataFrame, cfg: AdvantageConfig = AdvantageConfig()) -> Path:
@@ -233,7 +233,7 @@ def test_invariants_hold_on_scored_data_and_match_a_loop(steps: pl.DataFrame) ->
     dev_g = [abs(np.mean([r["empg_g"] for r in m]) - 1) for m in by(rows, "batch").values()]
     dev_a = [abs(np.mean([r["adv_empg"] for r in m])) for m in by(rows, "batch").values()]
     groups = [m for m in by(rows, *dynamics.GROUP).values()
-              if max(r["step_entropy"] for r in m) - min(r["step_entropy"] for r in m) > 1e-8]
+              if max(r["step_entropy"] for r in m) - min(r["step_entropy"] for r in m) >= 0.1]  # delta, default
     dev_w = [abs(np.mean([r["aem_w"] for r in m]) - 1) for m in groups]
     got = records(dynamics.invariants(steps))
     assert [g["name"] for g in got] == ["mean_B empg_g = 1", "mean_B adv_empg = 0",
@@ -242,6 +242,20 @@ def test_invariants_hold_on_scored_data_and_match_a_loop(steps: pl.DataFrame) ->
     for g, dev in zip(got, (dev_g, dev_a, dev_w)):
         assert g["max_abs_deviation"] == pytest.approx(max(dev), abs=1e-15)
         assert g["passed"] and g["tolerance"] == 1e-6
+
+
+def test_invariant_checks_groups_spanning_the_files_delta(tmp_path: Path) -> None:
+    """The AEM check reads delta from the file's metadata: at delta = 1.5 nats most groups keep w = 1 by rule and are
+    not checked; each group checked spans at least delta."""
+    cfg = AdvantageConfig(aem_min_range=1.5)
+    frame = dynamics.load_scored([write_scored(tmp_path / "wide.scored.parquet", scored_steps(cfg=cfg), cfg)])
+    spreads = frame.group_by(dynamics.GROUP).agg(spread=pl.col("step_entropy").max() - pl.col("step_entropy").min(),
+                                                 w=pl.col("aem_w"))
+    wide = spreads.filter(pl.col("spread") >= 1.5)
+    assert 0 < wide.height < spreads.height
+    assert all(w == [1.0] * len(w) for w in spreads.filter(pl.col("spread") < 1.5)["w"].to_list())
+    check = records(dynamics.invariants(frame))[2]
+    assert check["n_checked"] == wide.height and check["passed"]
 
 
 def test_invariants_fail_on_a_tampered_batch(steps: pl.DataFrame) -> None:

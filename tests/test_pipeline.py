@@ -1,4 +1,5 @@
-"""The scored file: rows and input columns untouched, new columns per SPEC 2.2, provenance metadata, options."""
+"""The scored file: rows and input columns untouched, the new columns of `empg schema scored`, provenance metadata,
+options."""
 
 from __future__ import annotations
 
@@ -47,14 +48,15 @@ def test_metadata_records_provenance_and_every_hyperparameter(tmp_path, tiny_mod
     src = write_rollouts(tmp_path / "in.parquet", random_rollouts(np.random.default_rng(1)))
     out = tmp_path / "out.parquet"
     score_file(src, out, ScoreConfig(model=str(tiny_model_dir), temperature=0.8),
-               AdvantageConfig(k=2.0, zeta=0.3, aem_tau=0.5, estimator="rloo"))
+               AdvantageConfig(k=2.0, zeta=0.3, aem_tau=0.5, aem_min_range=0.25, estimator="rloo"))
     meta = _metadata(out)
     import hashlib
     assert meta["input_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
     assert meta["schema_version"] == 1 and meta["tool"] == "empg" and meta["tool_version"]
     assert meta["temperature"] == 0.8 and meta["entropy_source"] == "model" and meta["estimator"] == "rloo"
     assert meta["advantages"] == {"estimator": "rloo", "reward_agg": "equal", "k": 2.0, "k_future": 1.0, "zeta": 0.3,
-                                  "empg_norm": "mean", "aem_tau": 0.5, "batch_key": ["run", "iteration"]}
+                                  "empg_norm": "mean", "aem_tau": 0.5, "aem_min_range": 0.25,
+                                  "batch_key": ["run", "iteration"]}
     assert meta["score"]["batch_tokens"] == 8192 and meta["score"]["dtype"] == "auto"
     assert meta["device"] == meta["model"]["device"] == "cpu" and meta["dtype"] == meta["model"]["dtype"] == "float32"
     checkpoint = meta["model"]["checkpoints"][str(tiny_model_dir)]
@@ -146,13 +148,13 @@ def test_rows_in_any_order_get_the_same_results(tmp_path, tiny_model_dir):
 def test_advantages_recompute_keeps_stored_flags_and_statistics(tmp_path, tiny_model_dir, capsys):
     src = write_rollouts(tmp_path / "in.parquet", random_rollouts(np.random.default_rng(8)))
     scored = tmp_path / "in.scored.parquet"
-    stored = dict(zeta=0.3, estimator="reinforce")  # A_i = R_i != 0, so k matters
+    stored = dict(zeta=0.3, estimator="reinforce", aem_min_range=0.0)  # A_i = R_i != 0, so k matters
     score_file(src, scored, ScoreConfig(model=str(tiny_model_dir), token_level=True), AdvantageConfig(**stored))
     assert main(["advantages", str(scored), "--k", "2"]) == 0, capsys.readouterr().err
     redone = tmp_path / "in.scored.adv.parquet"
     meta = _metadata(redone)
     assert meta["advantages"]["k"] == 2.0 and meta["advantages"]["zeta"] == 0.3
-    assert meta["advantages"]["estimator"] == "reinforce"
+    assert meta["advantages"]["estimator"] == "reinforce" and meta["advantages"]["aem_min_range"] == 0.0
     assert meta["model"] == _metadata(scored)["model"]  # provenance of the statistics is kept
     direct = tmp_path / "direct.parquet"
     score_file(src, direct, ScoreConfig(model=str(tiny_model_dir), token_level=True), AdvantageConfig(k=2.0, **stored))
@@ -161,6 +163,10 @@ def test_advantages_recompute_keeps_stored_flags_and_statistics(tmp_path, tiny_m
     for name in NEW_COLUMNS + ["token_adv_empg", "token_adv_aem"]:
         assert a[name].equals(b[name]), name
     assert not np.allclose(a["adv_empg"].to_numpy(), s["adv_empg"].to_numpy())
+    assert (s["aem_w"] != 1.0).any()
+    flat = tmp_path / "flat.parquet"  # no group of this model's entropies spans 10 nats: every w = 1
+    assert main(["advantages", str(scored), "--aem-min-range", "10", "-o", str(flat)]) == 0
+    assert (pl.read_parquet(flat)["aem_w"] == 1.0).all() and _metadata(flat)["advantages"]["aem_min_range"] == 10.0
     assert main(["advantages", str(src)]) == 2
     assert "is not a scored file" in capsys.readouterr().err
 

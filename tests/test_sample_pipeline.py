@@ -1,4 +1,4 @@
-"""The sample workload (SPEC 7): the shrunk regeneration end to end, and the shipped sample_data/ itself.
+"""The sample workload (docs/sample_data.md): the shrunk regeneration end to end, and the shipped sample_data/ itself.
 
 The tiny run exercises every stage of examples/make_sample.py (demonstrations, tokenizer, behaviour
 cloning, RL iterations that call `empg score`), then scores the result with no model flag, as

@@ -1,4 +1,4 @@
-"""empg_cli.stats against the float64 loop references of tests/reference.py (SPEC 3, EMPG Proposition 1)."""
+"""empg_cli.stats against the float64 loop references of tests/reference.py (docs/method.md, EMPG Proposition 1)."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def test_token_stats_match_float64_reference(kind: str, vocab: int, temperature:
         logits = logits64.to(dtype)
         stats = token_stats_from_logits(logits, targets, temperature)
         for name, got in all_fields(stats).items():
-            assert got.dtype == torch.float32, f"{name} from {dtype} logits is {got.dtype}, SPEC 3 wants float32"
+            assert got.dtype == torch.float32, f"{name} from {dtype} logits is {got.dtype}, docs/method.md wants float32"
             assert got.shape == (6,), name
         errors = max_errors(stats, logits, targets, temperature)
         budget = tolerance(logits, temperature)
@@ -116,7 +116,7 @@ def test_uniform_distribution_has_closed_form_values() -> None:
 
 
 def test_temperature_is_applied_to_logits() -> None:
-    """softmax(z / T), SPEC 3: T = 2 on logits 2z is T = 1 on z."""
+    """softmax(z / T), docs/method.md: T = 2 on logits 2z is T = 1 on z."""
     x, targets = make_logits("spread", 5, 50, seed=1)
     at_t1 = all_fields(token_stats_from_logits(x.float(), targets, 1.0))
     at_t2 = all_fields(token_stats_from_logits((2.0 * x).float(), targets, 2.0))
@@ -132,7 +132,7 @@ def test_two_gradient_references_agree(seed: int) -> None:
         explicit = ref.grad_norm_sq_explicit_ref(row, a, 0.8)
         autograd = ref.grad_norm_sq_autograd_ref(row, a, 0.8)
         p, _ = ref.softmax_row(row, 0.8)
-        closed_form = 1.0 - 2.0 * p[a] + float(np.sum(p * p))                    # SPEC 3
+        closed_form = 1.0 - 2.0 * p[a] + float(np.sum(p * p))                    # docs/method.md
         assert abs(explicit - autograd) < 1e-12
         assert abs(explicit - closed_form) < 1e-12
 
@@ -167,7 +167,7 @@ def test_proposition_1_holds_for_library_values(kind: str) -> None:
     expectation = float((p * stats.grad_norm_sq.double()).sum())
     assert abs(float(p.sum()) - 1.0) < 1e-5
     assert abs(expectation - float(stats.grad_norm_sq_expected[0])) < 1e-5
-    assert abs(expectation - (1.0 - math.exp(-float(stats.renyi2[0])))) < 1e-5   # SPEC 2.2: 1 - exp(-H2)
+    assert abs(expectation - (1.0 - math.exp(-float(stats.renyi2[0])))) < 1e-5   # docs/method.md: 1 - exp(-H2)
 
 
 def test_proposition_1_monte_carlo() -> None:
