@@ -169,12 +169,12 @@ def grad_norm_by_iteration(frame: pl.DataFrame) -> pl.DataFrame:
     return _summary(frame, ["source", "iteration"], "step_grad_norm_sq")
 
 
-def entropy_decile() -> pl.Expr:
-    """Decile 1..10 of H_t within its source: d = 1 + #{k in 1..9 : H_t > q_{k/10}}.
+def entropy_decile(column: str = "step_entropy") -> pl.Expr:
+    """Decile 1..10 of an entropy (H_t by default) within its source: d = 1 + #{k in 1..9 : H_t > q_{k/10}}.
 
     Bins are right-closed, (q_{(d-1)/10}, q_{d/10}], so tied entropies share a bin and a flat source is all decile 1.
     """
-    h = pl.col("step_entropy")
+    h = pl.col(column)
     above = [(h > h.quantile(k / 10, "linear").over("source")).cast(pl.Int32) for k in range(1, 10)]
     return (1 + pl.sum_horizontal(above)).alias("decile")
 
@@ -188,6 +188,18 @@ def entropy_deciles(frame: pl.DataFrame) -> pl.DataFrame:
                  grad_norm_sq_mean=pl.col("step_grad_norm_sq").mean(),
                  grad_norm_sq_expected_mean=pl.col("step_grad_norm_sq_expected").mean(),
                  **{f"update_{name}": update_magnitude(col).mean() for name, col in ESTIMATORS.items()})
+            .sort("source", "decile"))
+
+
+def renyi2_deciles(frame: pl.DataFrame) -> pl.DataFrame:
+    """Per (source, decile of the step's Rényi-2 entropy H2), over steps with model statistics: n, mean H2 (nats),
+    mean ‖∇_z log π‖² measured (step_grad_norm_sq) and as Proposition 1 predicts for the step's own tokens
+    (step_grad_norm_sq_expected, mean_j 1 − exp(−H2_j)); the two agree in expectation over the sampled tokens."""
+    model = frame.filter(pl.col("step_renyi2").is_not_null())
+    return (model.with_columns(entropy_decile("step_renyi2")).group_by("source", "decile")
+            .agg(n=pl.len(), renyi2_mean=pl.col("step_renyi2").mean(),
+                 grad_norm_sq_mean=pl.col("step_grad_norm_sq").mean(),
+                 grad_norm_sq_expected_mean=pl.col("step_grad_norm_sq_expected").mean())
             .sort("source", "decile"))
 
 

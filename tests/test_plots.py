@@ -64,7 +64,7 @@ def test_every_panel_has_a_title_axis_labels_with_units_and_a_legend(model: pl.D
     assert [t.get_text() for t in drift_axes[1].get_legend().get_texts()] == ["run a", "run b"]
     for ax in grad_axes:
         assert ax.get_title() and ax.get_xlabel() and "(" in ax.get_ylabel() and ax.get_legend() is not None
-    assert grad_axes[0].get_xlabel() == "step entropy $H_t$ (nats)"
+    assert grad_axes[0].get_xlabel() == plots.RENYI2_LABEL and "Rényi-2" in plots.RENYI2_LABEL
     legend = [t.get_text() for t in grad_axes[1].get_legend().get_texts()]
     assert legend == ["run a", "run b", "base ($A_i$)", "EMPG", "AEM"]
 
@@ -105,9 +105,17 @@ def test_panels_draw_the_dynamics_tables(model: pl.DataFrame) -> None:
     for line, name in zip(lines, ("base", "empg", "aem")):
         np.testing.assert_array_equal(line.get_xdata(), deciles["decile"].to_numpy())
         np.testing.assert_array_equal(line.get_ydata(), deciles[f"update_{name}"].to_numpy())
-    np.testing.assert_array_equal(scatter.get_lines()[0].get_ydata(), deciles["grad_norm_sq_mean"].to_numpy())
-    curve = scatter.get_lines()[-1]
+    renyi2 = dynamics.renyi2_deciles(model).filter(pl.col("source") == "a")
+    measured, predicted = scatter.get_lines()[:2]  # run a
+    for line, column in ((measured, "grad_norm_sq_mean"), (predicted, "grad_norm_sq_expected_mean")):
+        np.testing.assert_array_equal(line.get_xdata(), renyi2["renyi2_mean"].to_numpy())
+        np.testing.assert_array_equal(line.get_ydata(), renyi2[column].to_numpy())
+    dots = np.concatenate([c.get_offsets() for c in scatter.collections])  # every step, at its H2 (not H_t)
+    steps = model.select("step_renyi2", "step_grad_norm_sq").to_numpy()
+    np.testing.assert_array_equal(dots[np.lexsort(dots.T[::-1])], steps[np.lexsort(steps.T[::-1])])
+    curve = scatter.get_lines()[-1]  # Proposition 1 over the same H2 axis
     np.testing.assert_allclose(curve.get_ydata(), 1 - np.exp(-np.asarray(curve.get_xdata())))
+    assert curve.get_xdata().max() == pytest.approx(model["step_renyi2"].max())
     mean_norm = dynamics.grad_norm_by_iteration(model).filter(pl.col("source") == "a")["mean"].to_numpy()
     np.testing.assert_array_equal(per_iteration.get_lines()[0].get_ydata(), mean_norm)
 
@@ -121,3 +129,17 @@ def test_a_run_without_model_statistics_is_left_out_of_the_gradient_panels(tmp_p
     assert len(update.get_lines()) == 3  # run a only: base, EMPG, AEM
     assert [t.get_text() for t in per_iteration.get_legend().get_texts()] == ["run a"]
     assert not any(NOTE_START in t.get_text() for t in scatter.texts)
+
+
+def test_empty_panels_and_a_single_iteration_say_so(tmp_path: Path) -> None:
+    """Single-turn data has no middle or late steps, and one iteration has no drift: the panels say it in words."""
+    single = dynamics.load_scored([write_scored(tmp_path / "s.parquet", scored_steps(iterations=1, max_steps=1))])
+    drift = plots.entropy_figure(single).axes
+    texts = [[t.get_text() for t in ax.texts] for ax in drift]
+    one = plots.ONE_ITERATION_NOTE.format(0)
+    assert texts[:3] == [[one], [one], [one]]
+    assert texts[3] == [plots.EMPTY_NOTES["middle"]] and texts[4] == [plots.EMPTY_NOTES["late"]]
+    assert len(drift[2].get_yticks()) > 1  # the note keeps the shared entropy axis
+    assert [t.get_text() for t in plots.grad_figure(single).axes[2].texts] == [one]
+    many = dynamics.load_scored([write_scored(tmp_path / "m.parquet", scored_steps(iterations=2, max_steps=4))])
+    assert not any(ax.texts for ax in plots.entropy_figure(many).axes + plots.grad_figure(many).axes)
