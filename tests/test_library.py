@@ -22,7 +22,7 @@ from empg_cli.cli import main
 from empg_cli.config import AdvantageConfig, ScoreConfig
 from empg_cli.pipeline import score_file
 
-API = ["compute_advantages", "score", "read_rollouts", "load_scored", "audit"]
+API = ["compute_advantages", "score", "read_rollouts", "load_scored", "audit", "convert"]
 
 
 def test_the_surface_is_the_documented_one() -> None:
@@ -41,6 +41,7 @@ def test_the_surface_is_the_documented_one() -> None:
         {n: getattr(ScoreConfig(), n) for n in ("model", "temperature", "device", "dtype", "entropy_source",
                                                  "token_level", "batch_tokens")}
     assert inspect.signature(empg.audit).parameters["top"].default == 5
+    assert list(inspect.signature(empg.convert).parameters) == ["source", "from_", "options"]
 
 
 def test_import_is_light() -> None:
