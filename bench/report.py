@@ -99,7 +99,8 @@ def measure(name: str, scored: Path, out: Path) -> dict:
     start = time.perf_counter()
     write_report(scored, out, overwrite=True)
     build = time.perf_counter() - start
-    return {"case": name, "steps": steps, "tokens": tokens, "build_s": build, "size_mb": out.stat().st_size / 1e6, **in_browser(out)}
+    return {"case": name, "steps": steps, "tokens": tokens, "build_s": build, "size_mb": out.stat().st_size / 1e6,
+            **in_browser(out)}
 
 
 def main() -> None:
@@ -121,7 +122,8 @@ def main() -> None:
              "headless through Playwright, times include its IPC. Rerun: `.venv/bin/python bench/report.py`.", "",
              "| file | steps | response tokens | build (s) | size (MB) | first render (ms) | "
              "filter to a quadrant (ms) | open the longest trajectory (ms) |", "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['case']} | {r['steps']:,} | {r['tokens']:,} | {r['build_s']:.1f} | {r['size_mb']:.1f} | {r['ready_ms']:.0f} | "
+    lines += [f"| {r['case']} | {r['steps']:,} | {r['tokens']:,} | {r['build_s']:.1f} | {r['size_mb']:.1f} | "
+              f"{r['ready_ms']:.0f} | "
               f"{r['filter_ms']:.0f} | {r['open_ms']:.0f} |" for r in rows]
     text = "\n".join(lines) + "\n"
     args.out.write_text(text)

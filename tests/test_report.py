@@ -48,6 +48,16 @@ def token_scored(tmp_path_factory, tiny_model_dir) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def text_document(text_scored: Path) -> dict:
+    return report_document(text_scored)
+
+
+@pytest.fixture(scope="module")
+def token_document(token_scored: Path) -> dict:
+    return report_document(token_scored)
+
+
 def trajectory_rows(path: Path, key: tuple) -> list[dict]:
     """The file's rows of one trajectory, read with polars and sorted by step."""
     frame = pl.read_parquet(path)
@@ -88,7 +98,8 @@ def metaspace_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
 
 
-@pytest.mark.parametrize("text", ["Thought: open drawer 1. Action: go", "café ☕ naïve — 東京", "  two  spaces\n"])
+@pytest.mark.parametrize("text", ["Thought: open drawer 1. Action: go", "café ☕ naïve — 東京",
+                                  "  two  spaces\n"])
 def test_pieces_join_into_the_decoded_response_one_per_token(byte_tokenizer, text: str) -> None:
     ids = byte_tokenizer.encode(text, add_special_tokens=False)
     end = byte_tokenizer.convert_tokens_to_ids("<|end|>")
@@ -114,8 +125,9 @@ def test_sentencepiece_pieces_keep_their_leading_spaces(metaspace_tokenizer) -> 
 
 # ---- the document --------------------------------------------------------------------------------------------------
 
-def test_every_trajectory_lists_its_steps_in_order_with_the_files_numbers(text_scored: Path) -> None:
-    document = report_document(text_scored)
+def test_every_trajectory_lists_its_steps_in_order_with_the_files_numbers(text_scored: Path,
+                                                                          text_document: dict) -> None:
+    document = text_document
     steps = document["steps"]
     assert sum(document["trajectories"]["length"]) == len(steps["step"]) == pl.read_parquet(text_scored).height
     for t in range(len(document["trajectories"]["start"])):
@@ -128,10 +140,10 @@ def test_every_trajectory_lists_its_steps_in_order_with_the_files_numbers(text_s
         assert [steps["text"][i] for i in indices] == [r["response"] for r in rows]
 
 
-def test_quadrants_are_batch_terciles_of_h_norm_by_outcome(text_scored: Path) -> None:
+def test_quadrants_are_batch_terciles_of_h_norm_by_outcome(text_scored: Path, text_document: dict) -> None:
     """Each step's quadrant against numpy: confident when H_norm <= the batch's 1/3-quantile, uncertain above the
     2/3-quantile, outcome by traj_reward > 0."""
-    document = report_document(text_scored)
+    document = text_document
     frame = pl.read_parquet(text_scored)
     expected = {}
     for (run, iteration), batch in frame.group_by("run", "iteration"):
@@ -161,10 +173,11 @@ def test_top_cases_are_the_audits_and_point_at_their_trajectories(text_scored: P
                                                                   ("source", "iteration", "group_id", "traj_id"))
 
 
-def test_token_level_entropies_colour_each_decoded_token(token_scored: Path, tiny_model_dir: Path) -> None:
+def test_token_level_entropies_colour_each_decoded_token(token_scored: Path, token_document: dict,
+                                                         tiny_model_dir: Path) -> None:
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    document = report_document(token_scored)
+    document = token_document
     tokens, steps = document["tokens"], document["steps"]
     assert document["scale"]["level"] == "token"
     for t in range(len(document["trajectories"]["start"])):
@@ -304,14 +317,14 @@ def test_page_renders_without_errors_or_requests(text_page) -> None:
     assert "Invariants" in page.locator("#audit").inner_text()
 
 
-def test_top_confident_mistake_opens_its_trajectory_and_text(text_page, text_scored: Path) -> None:
+def test_top_confident_mistake_opens_its_trajectory_and_text(text_page, text_scored: Path,
+                                                             text_document: dict) -> None:
     page = text_page.page
     first = page.locator("#confident-mistakes tbody tr").first
     trajectory, step = first.locator("td").nth(3).inner_text(), int(first.locator("td").nth(4).inner_text())
     first.click()
     title = page.locator("#trajectory-title").inner_text()
-    document = report_document(text_scored)
-    entry = document["audit"]["confident_mistakes"][0]
+    entry = text_document["audit"]["confident_mistakes"][0]
     assert (trajectory, step) == (entry["traj_id"], entry["step"])
     assert f"Trajectory {entry['traj_id']} · group {entry['group_id']} · iteration {entry['iteration']}" in title
     rows = trajectory_rows(text_scored, (entry["source"], entry["iteration"], entry["group_id"], entry["traj_id"]))
@@ -322,9 +335,9 @@ def test_top_confident_mistake_opens_its_trajectory_and_text(text_page, text_sco
     assert text_page.errors == []
 
 
-def test_filtering_to_one_quadrant_shows_only_its_steps(text_page, text_scored: Path) -> None:
+def test_filtering_to_one_quadrant_shows_only_its_steps(text_page, text_document: dict) -> None:
     page = text_page.page
-    document = report_document(text_scored)
+    document = text_document
     code = document["quadrants"].index("uncertain · success")
     page.select_option("#f-quadrant", str(code))
     expected = document["steps"]["quadrant"].count(code)
@@ -360,8 +373,9 @@ def test_opening_a_trajectory_shows_its_steps_in_order_with_the_files_numbers(te
     assert text_page.errors == [] and text_page.requests == [text_page.url]
 
 
-def test_token_level_page_colours_each_token(browser, token_scored: Path, tmp_path: Path) -> None:
-    document = report_document(token_scored)
+def test_token_level_page_colours_each_token(browser, token_scored: Path, token_document: dict,
+                                             tmp_path: Path) -> None:
+    document = token_document
     t = int(np.argmax(document["trajectories"]["length"]))
     report = write_report(token_scored, tmp_path / "report.html")
     opened = Page(browser, report, f"#traj={t}")

@@ -99,8 +99,8 @@
     const rows = section.entries.map((e, i) => el("tr", {class: "link", "data-trajectory": e.trajectory,
                                                          onclick: () => openTrajectory(e.trajectory, e.step)},
       el("td", {}, i + 1),
-      el("td", {}, el("a", {href: `#traj=${e.trajectory}&step=${e.step}`, onclick: (event) => event.preventDefault()},
-                     `${e.source} · it ${e.iteration}`)),
+      el("td", {}, el("a", {href: `#traj=${e.trajectory}&step=${e.step}`,
+                            onclick: (event) => event.preventDefault()}, `${e.source} · it ${e.iteration}`)),
       el("td", {}, e.group_id), el("td", {}, e.traj_id), el("td", {class: "num"}, e.step),
       ["step_entropy", "adv_base", "adv_empg", "adv_aem"].map((k) => el("td", {class: "num", title: e[k]},
                                                                        fmt(e[k]))),
@@ -177,8 +177,9 @@
                        refresh(); }}, label + (state.sort === key ? (state.descending ? " ▼" : " ▲") : ""));
     const rows = matches.slice(state.page * PAGE, (state.page + 1) * PAGE).map((i) => {
       const t = stepTraj[i], text = stepText(i);
-      return el("tr", {class: "link", "data-step-index": i, "data-quadrant": S.quadrant[i],
-                       onclick: () => openTrajectory(t, S.step[i])},
+      const show = () => openTrajectory(t, S.step[i]);
+      return el("tr", {class: "link", "data-step-index": i, "data-quadrant": S.quadrant[i], tabindex: 0,
+                       onclick: show, onkeydown: (event) => { if (event.key === "Enter") show(); }},
         el("td", {class: "id"}, D.sources[T.source[t]]), el("td", {class: "num"}, T.iteration[t]),
         el("td", {class: "id"}, T.group[t]), el("td", {class: "id"}, T.traj[t]), el("td", {class: "num"}, S.step[i]),
         el("td", {}, success(t) ? "success" : "failure"), el("td", {class: "id"}, D.quadrants[S.quadrant[i]]),
@@ -248,7 +249,8 @@
     view.hidden = false;
     view.replaceChildren(
       el("h3", {id: "trajectory-title"},
-         `Trajectory ${T.traj[t]} · group ${T.group[t]} · iteration ${T.iteration[t]} · run ${D.sources[T.source[t]]}`),
+         `Trajectory ${T.traj[t]} · group ${T.group[t]} · iteration ${T.iteration[t]} · `
+         + `run ${D.sources[T.source[t]]}`),
       el("p", {id: "trajectory-meta"}, `traj_reward ${fmt(T.reward[t])} (${success(t) ? "success" : "failure"}), `
          + `${length} step${length === 1 ? "" : "s"}.`),
       el("p", {class: "siblings"}, `The group's ${siblings.length} trajectories: `,
