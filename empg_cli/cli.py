@@ -237,7 +237,7 @@ def audit(
 
 @app.command(epilog="Example: empg report runs.scored.parquet -o report.html")
 def report(
-    input: Path = typer.Argument(..., help="A scored Parquet from `empg score` (--token-level colours each token)."),
+    input: Path = typer.Argument(..., help="A scored Parquet from `empg score` (with token_entropy, each token is coloured)."),
     output: Path = typer.Option(Path("report.html"), "-o", "--output", help="The HTML file to write."),
     overwrite: bool = OVERWRITE,
     top: int = typer.Option(10, "--top", min=0, help="How many confident mistakes and uncertain successes to list."),

@@ -260,7 +260,7 @@
       legend(),
       el("table", {id: "trajectory-steps"},
          el("thead", {}, el("tr", {}, el("th", {}, "step"), NUMBERS.map(([, label]) => el("th", {}, label)),
-                             el("th", {}, "quadrant"), el("th", {}, "response (input above it, folded)"))),
+                             el("th", {}, "quadrant"), el("th", {}, "response"))),
          body),
       more);
     const target = step === null || step === undefined ? 0 : step + 1;
