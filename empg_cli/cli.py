@@ -273,8 +273,9 @@ def convert_command(
 ) -> None:
     """Turn what a trainer wrote (verl, TRL, prime-rl, ART, rLLM, AReaL, or any table) into a rollouts file.
 
-    The output validates with `empg validate` and scores with `empg score`; its metadata records the source format
-    and how exact its tokens are (ids, messages or text). See docs/ingest.md for each trainer's layout.
+    Its metadata records the source format and fidelity: ids (exact), messages, or text (entropies approximate).
+
+    Each trainer's layout, and the setting that makes it write one: docs/ingest.md.
     """
     with _reported(debug):
         from .ingest import convert_file
