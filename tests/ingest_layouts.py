@@ -43,7 +43,8 @@ def verl_rows(rng: np.random.Generator, step: int, prompts: int, n: int, v1: boo
 def write_trl(output_dir: Path, step: int, prompts: int, n: int, rng: np.random.Generator, step_as_text: bool = False,
               ) -> Path:
     """TRL GRPOTrainer: `completions/completions_{step:05d}.parquet` via pandas, columns step, prompt, completion,
-    one per reward function (NaN where it returned None), advantage; prompts repeated n times in a row."""
+    one per reward function (NaN where it returned None), the `log_extra` columns, advantage; prompts repeated n
+    times in a row."""
     folder = output_dir / "completions"
     folder.mkdir(parents=True, exist_ok=True)
     rows = prompts * n
@@ -53,6 +54,7 @@ def write_trl(output_dir: Path, step: int, prompts: int, n: int, rng: np.random.
              "prompt": [f"<|user|>question {i // n}<|end|><|assistant|>" for i in range(rows)],
              "completion": [f"completion {i}" for i in range(rows)],
              "accuracy_reward": accuracy, "format_reward": rng.random(rows),
+             "n_tool_calls": rng.integers(0, 3, rows),          # a `log_extra` column: after the rewards
              "advantage": rng.normal(size=rows)}
     path = folder / f"completions_{step:05d}.parquet"
     pd.DataFrame(table).to_parquet(path)

@@ -81,6 +81,7 @@ def test_trl_completions_blocks_weighted_nansum_and_advantage(tmp_path, capsys):
         acc = src["accuracy_reward"] or 0.0            # pandas writes TRL's NaN as a Parquet null
         assert row["reward"] == pytest.approx(2 * acc + 0.5 * src["format_reward"], abs=1e-12)
     assert frame["advantage"].to_list() == source["advantage"].to_list()
+    assert frame["n_tool_calls"].to_list() == source["n_tool_calls"].to_list()     # an extra: kept, not summed
     assert frame["accuracy_reward"].to_list() == source["accuracy_reward"].to_list()
     assert frame.filter(pl.col("iteration") == 5)["group_id"].to_list() == [str(i // 4) for i in range(12)]
     assert frame.filter(pl.col("iteration") == 5)["traj_id"].to_list() == [str(i % 4) for i in range(12)]

@@ -1,8 +1,8 @@
 """TRL's completion logs (`GRPOConfig(log_completions=True)`): `OUTPUT_DIR/completions/completions_{step:05d}.parquet`.
 
-`GRPOTrainer` writes one row per completion: `step` (the global step, an integer or its text), `prompt` (the
-chat-templated prompt text), `completion` (decoded with special tokens skipped), one column per reward function
-(NaN where it returned None), then any extra logged columns and `advantage`. Rows come in blocks of
+`GRPOTrainer` writes one row per completion: `step` (the global step, an integer or its text), `prompt` and
+`completion` (decoded with special tokens skipped), one column per reward function (NaN where it returned None),
+then the `log_extra` columns and `advantage`. Rows come in blocks of
 `num_generations` completions of one prompt, and no column names the group: `--group-size` gives it. The reward is
 TRL's own: the weighted sum of the reward-function columns, NaN skipped.
 """
@@ -23,11 +23,13 @@ PATTERN = "completions_*.parquet"
 FIELDS = ("step", "prompt", "completion")
 
 
-def reward_columns(frame: pl.DataFrame) -> list[str]:
-    """The reward-function columns: the numeric columns TRL writes between `completion` and `advantage`."""
+def reward_columns(frame: pl.DataFrame, count: int | None) -> list[str]:
+    """The reward-function columns. TRL writes them right after `completion`, then the `log_extra` columns (sorted
+    by name), then `advantage`: with `count` weights they are the first `count` columns, else every numeric one."""
     names = frame.columns
     end = names.index("advantage") if "advantage" in names else len(names)
-    return [c for c in names[names.index("completion") + 1:end] if frame[c].dtype.is_numeric()]
+    between = names[names.index("completion") + 1:end]
+    return between[:count] if count is not None else [c for c in between if frame[c].dtype.is_numeric()]
 
 
 def _runs_of_prompts(prompts: pl.Series) -> int:
@@ -49,11 +51,14 @@ def read_file(path: Path, options: Options) -> pl.DataFrame:
         first = raw.height - raw.height % size
         raise BadInput(path, f"has {raw.height} rows, not a multiple of --group-size {size}: the group "
                              f"starting at row {first} is incomplete", row=first)
-    rewards = reward_columns(raw)
-    weights = options.reward_weights or (1.0,) * len(rewards)
-    if len(weights) != len(rewards):
-        raise BadUsage(f"--reward-weights has {len(weights)} weights for {len(rewards)} reward functions "
-                       f"({', '.join(rewards)}) in {path}")
+    weights = options.reward_weights
+    rewards = reward_columns(raw, None if weights is None else len(weights))
+    weights = weights or (1.0,) * len(rewards)
+    bad = [c for c in rewards if not raw[c].dtype.is_numeric()]
+    if len(weights) != len(rewards) or bad:
+        raise BadUsage(f"--reward-weights has {len(weights)} weights, and {path} has these reward-function columns "
+                       f"after 'completion': {', '.join(rewards) or 'none'}"
+                       f"{' (not numeric: ' + ', '.join(bad) + ')' if bad else ''}")
     values = raw.select(rewards).to_numpy().astype(np.float64) if rewards else np.zeros((raw.height, 0))
     row = np.arange(raw.height)
     columns = {"iteration": raw["step"].cast(pl.Int64), "group_id": row // size, "traj_id": row % size,
