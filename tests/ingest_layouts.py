@@ -66,26 +66,26 @@ def prime_episode(episode_id: str, group: str, step: int, traces: list[dict]) ->
     return {"id": episode_id, "group": {"id": group}, "run": {"work": {"step": step}}, "traces": traces}
 
 
+def prime_node(parent: int | None, ids: list[int], sampled: int = 0) -> dict:
+    """A verifiers MessageNode as dumped: the ids it adds; a sampled node's last `sampled` ids are its completion
+    (mask true), with logprobs and advantages over those only."""
+    return {"parent": parent, "message": {"role": "assistant" if sampled else "user", "content": "..."},
+            "sampled": bool(sampled), "timestamp": 1.0, "token_ids": ids,
+            "mask": [False] * (len(ids) - sampled) + [True] * sampled, "is_content": [],
+            "logprobs": [-0.5] * sampled, **({"advantages": [0.1] * sampled} if sampled else {})}
+
+
 def prime_trace(turns: list[tuple[list[int], list[int]]], rewards: dict[str, tuple[float, float]],
                 lead: list[int] | None = None) -> dict:
-    """A trace whose path is prompt node, then per turn a sampled node (its ids, all masked in, after `lead`
-    masked-out template ids) and an environment node; plus a discarded branch off the root."""
-    nodes = [{"parent": None, "sampled": False, "token_ids": turns[0][0], "mask": [False] * len(turns[0][0]),
-              "logprobs": None, "advantages": None},
-             {"parent": 0, "sampled": True, "token_ids": [7, 7, 7], "mask": [True] * 3, "logprobs": [-1.0] * 3,
-              "advantages": [0.0] * 3}]  # a branch that is not on the path to the last node
-    parent = 0
+    """A linear trace: the first turn's input as a root node, then per turn its input (after the first) and a
+    sampled node whose ids are `lead` (the generation prompt) then the response."""
+    nodes = [prime_node(None, turns[0][0])]
     for t, (observation, response) in enumerate(turns):
         if t > 0:
-            nodes.append({"parent": parent, "sampled": False, "token_ids": observation,
-                          "mask": [False] * len(observation), "logprobs": None, "advantages": None})
-            parent = len(nodes) - 1
-        ids = (lead or []) + response
-        nodes.append({"parent": parent, "sampled": True, "token_ids": ids,
-                      "mask": [False] * len(lead or []) + [True] * len(response),
-                      "logprobs": [-0.5] * len(ids), "advantages": [0.1] * len(ids)})
-        parent = len(nodes) - 1
-    return {"nodes": nodes, "rewards": {k: {"score": s, "weight": w} for k, (s, w) in rewards.items()}}
+            nodes.append(prime_node(len(nodes) - 1, observation))
+        nodes.append(prime_node(len(nodes) - 1, (lead or []) + response, sampled=len(response)))
+    return {"id": "t", "agent": {"name": "agent", "trainable": True, "config": {}}, "nodes": nodes,
+            "rewards": {k: {"score": s, "weight": w} for k, (s, w) in rewards.items()}, "metrics": {}}
 
 
 def write_prime(root: Path, step: int, episodes: list[dict], split: str = "train", subset: str = "all") -> Path:

@@ -12,7 +12,7 @@ import pytest
 
 from empg_cli.cli import main
 from empg_cli.ingest import convert, convert_file
-from ingest_layouts import (prime_episode, prime_trace, verl_rows, write_areal, write_art, write_prime, write_rllm,
+from ingest_layouts import (prime_episode, prime_node, prime_trace, verl_rows, write_areal, write_art, write_prime, write_rllm,
                             write_trl, write_verl)
 
 
@@ -102,8 +102,8 @@ def _prime_layout(tmp_path):
                                                                {"correct": (1.0, 1.0), "format": (0.5, 0.2)},
                                                                lead=[99])]),
                 prime_episode("e1", "task-a", 3, [prime_trace([([1, 2, 3], [13])], {"correct": (0.0, 1.0)})])]
-    write_prime(root, 3, episodes)
-    write_prime(root, 3, episodes[:1], subset="effective")            # a subset of train/all: not read twice
+    write_prime(root, 3, episodes, subset="effective")
+    write_prime(root, 3, episodes[:1] + [prime_episode("e9", "task-b", 3, [])], subset="all")  # effective wins
     write_prime(root, 3, [prime_episode("v0", "task-z", 3, [prime_trace([([8], [9])], {"c": (1.0, 1.0)})])],
                 split="eval")
     return root
@@ -119,6 +119,22 @@ def test_prime_rl_traces_give_exact_ids_along_the_path(tmp_path):
     assert frame["group_id"].to_list() == ["task-a"] * 3 and frame["traj_id"].n_unique() == 2
     assert frame["reward"].to_list() == pytest.approx([1.0 + 0.5 * 0.2, 1.1, 0.0])
     assert frame["logprobs"].to_list() == [[-0.5, -0.5], [-0.5], [-0.5]]
+
+
+def test_prime_rl_branches_each_sampled_node_prompted_by_its_own_path(tmp_path):
+    """Compaction starts a new root, a subagent branches off an earlier node: every sampled node is a step, in node
+    order, its prompt its own root path; a non-trainable agent's trace (a judge) is not a trajectory."""
+    nodes = [prime_node(None, [1, 2]), prime_node(0, [99, 20, 21], 2), prime_node(1, [5]), prime_node(2, [99, 22], 1),
+             prime_node(None, [8, 8]), prime_node(4, [99, 23], 1), prime_node(1, [6]), prime_node(6, [99, 24], 1)]
+    judge = prime_trace([([1], [2])], {"c": (1.0, 1.0)})
+    judge["agent"]["trainable"] = False
+    episode = prime_episode("e", "g", 0, [{"nodes": nodes, "rewards": {"solved": {"score": 1.0, "weight": 0.5},
+                                                                        "skipped": None}}, judge])
+    frame = convert(write_prime(tmp_path, 0, [episode]))
+    assert frame["prompt_ids"].to_list() == [[1, 2, 99], [1, 2, 99, 20, 21, 5, 99], [8, 8, 99],
+                                             [1, 2, 99, 20, 21, 6, 99]]
+    assert frame["response_ids"].to_list() == [[20, 21], [22], [23], [24]]
+    assert frame["step"].to_list() == [0, 1, 2, 3] and frame["reward"].to_list() == [0.5] * 4
 
 
 def test_art_trainable_assistant_messages_are_the_steps(tmp_path):
@@ -194,7 +210,7 @@ def test_broken_sources_one_error_line_exit_2_no_output(tmp_path, capsys, case):
         args, expect = [tmp_path / "d", "--from", "verl"], f"{path}: line 4 is not valid JSON"
     elif case == "mask":
         trace = prime_trace([([1, 2], [3, 4])], {"c": (1.0, 1.0)})
-        trace["nodes"][-1]["mask"] = [True]
+        trace["nodes"][-1]["mask"] = [True]                            # 2 token_ids
         path = write_prime(tmp_path, 0, [prime_episode("e", "g", 0, [prime_trace([([1], [2])], {})]),
                                          prime_episode("e", "g", 0, [trace])])
         args, expect = [path], f"{path}: line 2 has a node with 2 token_ids and 1 mask entries"

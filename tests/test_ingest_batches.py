@@ -150,7 +150,7 @@ def test_prime_rl_traces_rescored_match_generate(tmp_path, tiny_model_dir, polic
             lead = [4]                                        # e.g. the assistant header, not sampled
             tokens, entropies = sample(policy, context + lead, 3 + turn, seed=10 * e + turn)
             nodes.append({"parent": len(nodes) - 1, "sampled": True, "token_ids": lead + tokens,
-                          "mask": [False] + [True] * len(tokens), "logprobs": [0.0] * (1 + len(tokens))})
+                          "mask": [False] + [True] * len(tokens), "logprobs": [0.0] * len(tokens)})
             context += lead + tokens
             expected.append(entropies)
         episodes.append(prime_episode(f"e{e}", "task", 1, [{"nodes": nodes,

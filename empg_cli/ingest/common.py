@@ -206,9 +206,8 @@ class MessageLists:
         self.offsets: list[int] = [0]
 
     def add(self, messages: list[dict[str, Any]]) -> None:
-        for message in messages:
-            self.roles.append(message["role"])
-            self.contents.append(message.get("content") or "")
+        self.roles.extend([m.get("role") for m in messages])
+        self.contents.extend([m.get("content") or "" for m in messages])
         self.offsets.append(len(self.roles))
 
     def series(self) -> pl.Series:

@@ -1,14 +1,19 @@
 """prime-rl's rollout traces: `rollouts/step_N/{train,eval}/{all,effective}/traces.jsonl`, one verifiers Episode a line.
 
-An Episode names its group (`group.id`) and the policy version that sampled it (`run.work.step`), and holds
-`traces[]`. A trace is a tree of `nodes[]`: each node has its `parent` (an index, null at the root), whether the
-model `sampled` it, its `token_ids` (the tokens it adds to its parent's), a per-token `mask` (true: trained on),
-`logprobs` and `advantages`; the trace's `rewards` map a name to {score, weight}. One trace is one trajectory; its
-steps are the sampled nodes on the path from the root to the last node, in order. The ids are exact: a step's
-response is its node's masked-in tokens, its prompt every token of the path before them.
+An Episode names its group (`group.id`) and the step that dispatched it (`run.work.step`), and holds `traces[]`, one
+per agent. A trace is a graph of message `nodes[]`: each node has its `parent` (the index of an earlier node, null at
+a root), whether the model `sampled` it, its `token_ids` (the tokens it adds to its parent's path: the template
+scaffold, then the message; for an assistant, the generation prompt then the completion), a per-token `mask` (true
+on the sampled completion only) and `logprobs` over the masked-in tokens; the trace's `rewards` map a name to
+{score, weight} (or null). Concatenating `token_ids` along a root-to-node path gives exactly the ids the model saw.
 
-Given a folder, the `train/all` traces are read (the `effective` ones are a subset of them, `eval` is not training);
-name a traces.jsonl file to read another.
+One trace of a trainable agent is one trajectory; its steps are its sampled nodes in order (a linear trace has one
+path; compaction and subagents add branches, and every branch's turns were trained on). A step's response is its
+node's masked-in tokens, its prompt every token of its path before them: the ids are exact.
+
+Given a folder, the `train/effective` traces are read (what the trainer admitted into its batches), else
+`train/all` (every completed episode, failures and rejected work included); name a traces.jsonl file to read
+another.
 """
 
 from __future__ import annotations
@@ -25,30 +30,32 @@ from .common import Converted, Options, TokenLists, json_lines, layout_files, ne
 
 FIDELITY = "ids"
 PATTERN = "traces.jsonl"
-TRAINING = ("train", "all")
-
-
-def path_to_leaf(nodes: list[dict[str, Any]], path: Path, line: int) -> list[dict[str, Any]]:
-    """The nodes from the root to the last node, root first."""
-    chain, index, seen = [], len(nodes) - 1, set()
-    while index is not None:
-        if not isinstance(index, int) or not 0 <= index < len(nodes) or index in seen:
-            raise BadInput(path, f"line {line} has a node whose parent {index!r} is not an earlier node")
-        seen.add(index)
-        chain.append(nodes[index])
-        index = nodes[index].get("parent")
-    return chain[::-1]
+SUBSETS = ("effective", "all")
+"""Which `train/` subset a folder is read from, first found first."""
 
 
 def trace_steps(trace: dict[str, Any], path: Path, line: int, tokens: list[int]) -> list[tuple]:
-    """Append the trace's path tokens to `tokens`; for each sampled node along the path, return
-    (prompt start, response start, response end, logprobs): its prompt is tokens[prompt start:response start]."""
+    """Append the trace's node paths to `tokens` (a branch copies its parent's path, a chain just extends it); for
+    each sampled node, return (path start, response start, response end, logprobs): its prompt is
+    tokens[path start:response start]."""
     nodes = need(trace, "nodes", path, line, "traces[].")
-    if not nodes:
-        raise BadInput(path, f"line {line} has a trace with no nodes")
-    steps, base = [], len(tokens)
-    for node in path_to_leaf(nodes, path, line):
+    spans: list[tuple[int, int]] = []  # where each node's root path lies in `tokens`
+    steps = []
+    for i, node in enumerate(nodes):
         ids = need(node, "token_ids", path, line, "traces[].nodes[].")
+        parent = node.get("parent")
+        if parent is None:
+            start = len(tokens)
+        elif isinstance(parent, int) and 0 <= parent < i:
+            start, end = spans[parent]
+            if end != len(tokens):  # a branch: copy its parent's path to the end
+                tokens.extend(tokens[start:end])
+                start = len(tokens) - (end - start)
+        else:
+            raise BadInput(path, f"line {line} has a node whose parent {parent!r} is not an earlier node")
+        own = len(tokens)
+        tokens.extend(ids)
+        spans.append((start, len(tokens)))
         mask = node.get("mask")
         if mask is None:
             mask = [bool(node.get("sampled"))] * len(ids)
@@ -58,11 +65,11 @@ def trace_steps(trace: dict[str, Any], path: Path, line: int, tokens: list[int])
             first, last = mask.index(True), len(mask) - 1 - mask[::-1].index(True)
             if not all(mask[first:last + 1]):
                 raise BadInput(path, f"line {line} has a sampled node whose masked-in tokens are not contiguous")
-            logprobs = node.get("logprobs")
-            start = len(tokens) + first
-            steps.append((base, start, start + last - first + 1,
-                          logprobs[first:last + 1] if logprobs is not None else None))
-        tokens.extend(ids)
+            logprobs = node.get("logprobs") or None
+            if logprobs is not None and len(logprobs) != last - first + 1:
+                raise BadInput(path, f"line {line} has a node with {last - first + 1} sampled tokens and "
+                                     f"{len(logprobs)} logprobs")
+            steps.append((start, own + first, own + last + 1, logprobs))
     return steps
 
 
@@ -73,9 +80,10 @@ def read_file(path: Path, rows: dict[str, Any], tokens: list[int]) -> None:
         iteration = need(need(need(episode, "run", path, line), "work", path, line, "run."), "step", path, line,
                          "run.work.")
         for t, trace in enumerate(need(episode, "traces", path, line)):
-            rewards = trace.get("rewards") or {}
-            reward = sum(float(r["score"]) * float(r.get("weight", 1.0)) for r in rewards.values()
-                         if r.get("score") is not None)
+            if (trace.get("agent") or {}).get("trainable") is False:
+                continue
+            rewards = [r for r in (trace.get("rewards") or {}).values() if r and r.get("score") is not None]
+            reward = sum(float(r["score"]) * float(r.get("weight", 1.0)) for r in rewards)
             for s, (base, start, end, logprobs) in enumerate(trace_steps(trace, path, line, tokens)):
                 rows["iteration"].append(iteration)
                 rows["group_id"].append(str(group))
@@ -95,12 +103,15 @@ def spans_to_lists(tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> 
 
 
 def training_traces(sources: Sequence[Path]) -> list[Path]:
-    """The traces.jsonl files named, and under each folder its `train/all` ones (all of them if it has none)."""
+    """The traces.jsonl files named, and under each folder its `train/effective` ones (else `train/all`, else all)."""
     files = []
     for source in sources:
         found = layout_files([source], PATTERN)
-        training = [f for f in found if (f.parent.parent.name, f.parent.name) == TRAINING]
-        files.extend(training or found)
+        for subset in SUBSETS:
+            chosen = [f for f in found if (f.parent.parent.name, f.parent.name) == ("train", subset)]
+            if chosen:
+                break
+        files.extend(chosen or found)
     return files
 
 
