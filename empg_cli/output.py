@@ -108,7 +108,7 @@ def write_parquet(path: Path, tables: Iterable[pa.Table]) -> int:
 
 
 def _check_target(output: Path, target: Path, inputs: Iterable[Path]) -> None:
-    """Every check that needs no lock: a folder that exists, a name that fits, not an input, a regular file or absent."""
+    """The checks that need no lock: a folder that exists, a name that fits, not an input, a regular file or absent."""
     if not target.parent.is_dir():
         raise BadUsage(f"output folder {output.parent} does not exist")
     name_bytes, limit = len(os.fsencode(target.name)), os.pathconf(target.parent, "PC_NAME_MAX")

@@ -211,11 +211,21 @@ def test_parquet_carries_page_checksums(tmp_path):
 
 # Subprocess trials: real processes, real signals, real races.
 
-def _empg(*args, **popen) -> subprocess.Popen:
+def _empg(*args) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
     return subprocess.Popen([sys.executable, "-m", "empg_cli", *map(str, args)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **popen)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as if not `cmd &`
+
+
+def test_two_racing_writers_exactly_one_wins(tmp_path, src):
+    target = tmp_path / "out.parquet"
+    runs = [_empg("score", src, "--entropy-source", "logged", "-o", target) for _ in range(2)]
+    results = [(run.wait(timeout=60), run.stderr.read()) for run in runs]
+    assert sorted(code for code, _ in results) == [0, 2], results
+    loser = next(err for code, err in results if code == 2)
+    assert loser.count("\n") == 1 and ("another empg run is writing" in loser or "exists; pass --overwrite" in loser)
+    assert pq.read_table(target).num_rows == pq.read_table(src).num_rows and _leftovers(tmp_path) == []
 
 
 ROWS = 60_000
@@ -225,16 +235,6 @@ ROWS = 60_000
 @pytest.fixture(scope="module")
 def big(tmp_path_factory) -> Path:
     return _big_rollouts(tmp_path_factory.mktemp("big") / "big.parquet", ROWS)
-
-
-def test_two_racing_writers_exactly_one_wins(tmp_path, big):
-    target = tmp_path / "out.parquet"
-    runs = [_empg("score", big, "--entropy-source", "logged", "-o", target) for _ in range(2)]
-    results = [(run.wait(timeout=60), run.stderr.read()) for run in runs]
-    assert sorted(code for code, _ in results) == [0, 2], results
-    loser = next(err for code, err in results if code == 2)
-    assert loser.count("\n") == 1 and ("another empg run is writing" in loser or "exists; pass --overwrite" in loser)
-    assert pq.read_table(target).num_rows == ROWS and _leftovers(tmp_path) == []
 
 
 def _wait_for(check, run: subprocess.Popen, what: str) -> None:
