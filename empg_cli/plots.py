@@ -17,6 +17,7 @@ from matplotlib.lines import Line2D
 
 from . import dynamics
 from .errors import BadUsage
+from .output import atomic_output
 
 FORMATS = ("png", "svg", "pdf")
 OKABE_ITO = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")
@@ -202,11 +203,15 @@ def plot_dynamics(frame: pl.DataFrame, out_dir: Path, fmt: str = "png") -> list[
     if fmt not in FORMATS:
         raise BadUsage(f"--format must be one of {', '.join(FORMATS)}; got '{fmt}'")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise BadUsage(f"--out-dir {out_dir} is a file, not a folder") from None
     written = []
     with matplotlib.rc_context(RC):
         for name, draw in FIGURES.items():
             path = out_dir / f"{name}.{fmt}"
-            draw(frame).savefig(path, dpi=100)
+            with atomic_output(path, overwrite=True) as temp:  # a figure is redrawn in place, never half-written
+                draw(frame).savefig(temp, dpi=100, format=fmt)
             written.append(path)
     return written

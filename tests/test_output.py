@@ -197,6 +197,14 @@ def test_dead_runs_files_are_removed_and_live_ones_kept(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["live.parquet", "next.txt"]
 
 
+def test_plot_out_dir_that_is_a_file_is_bad_usage(tmp_path, capsys, src):
+    scored, out_dir = tmp_path / "runs.scored.parquet", tmp_path / "plots"
+    assert run_cli(capsys, "score", src, "--entropy-source", "logged", "-o", scored)[0] == 0
+    out_dir.write_text("not a folder")
+    code, _, err = run_cli(capsys, "plot", "dynamics", scored, "--out-dir", out_dir)
+    assert (code, err) == (2, f"error: --out-dir {out_dir} is a file, not a folder\n")
+
+
 def test_parquet_carries_page_checksums(tmp_path):
     path, values = tmp_path / "t.parquet", np.arange(1000, dtype=np.float64)
     assert write_parquet(path, [pa.table({"x": values})]) == 1000
