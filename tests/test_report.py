@@ -19,7 +19,7 @@ from conftest import build_tokenizer, random_rollouts, write_rollouts
 from empg_cli.cli import main
 from empg_cli.config import AdvantageConfig, ScoreConfig
 from empg_cli.pipeline import score_file
-from empg_cli.report import build, report_document, write_report
+from empg_cli.report import build, render_report, report_document
 from empg_cli.report.tokens import streamed_pieces, token_pieces
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -160,11 +160,11 @@ def test_quadrants_are_batch_terciles_of_h_norm_by_outcome(text_scored: Path, te
             assert label == expected[(*key_of(document, t), document["steps"]["step"][i])]
 
 
-def test_top_cases_are_the_audits_and_point_at_their_trajectories(text_scored: Path) -> None:
+def test_top_cases_are_the_audits_and_point_at_their_trajectories(text_scored: Path, text_document: dict) -> None:
     from empg_cli import dynamics
     from empg_cli.credit_report import build_audit
-    document = report_document(text_scored, top=4)
-    audit = build_audit(dynamics.load_scored([text_scored]), top=4)
+    document = text_document
+    audit = build_audit(dynamics.load_scored([text_scored]), top=build.TOP)
     assert document["audit"]["quadrants"] == audit["quadrants"]
     for part, name in zip(document["top"], ("confident_mistakes", "uncertain_successes")):
         assert [{k: v for k, v in e.items() if k != "trajectory"} for e in part["entries"]] == audit[name]
@@ -201,8 +201,8 @@ def test_new_input_is_what_a_chained_prompt_adds() -> None:
     assert build._new_input("first", None, None) == "first"
 
 
-def test_page_is_self_contained(text_scored: Path, tmp_path: Path) -> None:
-    page = write_report(text_scored, tmp_path / "r.html").read_text()
+def test_page_is_self_contained(text_document: dict) -> None:
+    page = render_report(text_document)
     assert "default-src 'none'" in page
     assert not re.search(r"""(src|href)\s*=\s*["'](?!data:|#)""", page)
     assert not re.search(r"https?://|url\(|@import", page.split('id="report-data"')[0])
@@ -281,8 +281,10 @@ class Page:
 
 
 @pytest.fixture(scope="module")
-def text_page(browser, text_scored: Path, tmp_path_factory):
-    page = Page(browser, write_report(text_scored, tmp_path_factory.mktemp("p") / "report.html"))
+def text_page(browser, text_document: dict, tmp_path_factory):
+    report = tmp_path_factory.mktemp("p") / "report.html"
+    report.write_text(render_report(text_document), encoding="utf-8")
+    page = Page(browser, report)
     yield page
     page.close()
 
@@ -377,7 +379,8 @@ def test_token_level_page_colours_each_token(browser, token_scored: Path, token_
                                              tmp_path: Path) -> None:
     document = token_document
     t = int(np.argmax(document["trajectories"]["length"]))
-    report = write_report(token_scored, tmp_path / "report.html")
+    report = tmp_path / "report.html"
+    report.write_text(render_report(document), encoding="utf-8")
     opened = Page(browser, report, f"#traj={t}")
     try:
         rows = trajectory_rows(token_scored, key_of(document, t))

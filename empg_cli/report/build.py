@@ -52,15 +52,29 @@ def _rounded(values: list[float | None], digits: int) -> list[float | None]:
     return [None if v is None or math.isnan(v) else float(f"{v:.{digits}g}") for v in values]
 
 
-def _extra_columns(path: Path, rows: pl.Series) -> dict[str, list]:
-    """The response text, token ids, token entropies and prompt of the given rows of the file, where present."""
-    schema = open_parquet(path).schema_arrow
+def _extra_columns(steps: pl.DataFrame) -> dict[str, list]:
+    """Each step's response text, token ids, token entropies and prompt, read from its file (`path`, `row`), where
+    the file has them; a column some files lack is null on their steps."""
     wanted = {"response": True, "prompt": True, "response_ids": False, "prompt_ids": False, "token_entropy": False}
-    columns = [c for c, text in wanted.items() if c in schema.names and is_text(schema.field(c).type) == text]
-    if not columns:
-        return {}
-    table = pl.from_arrow(read_table(path, columns=columns))
-    return table[rows.to_list()].to_dict(as_series=False)
+    extra: dict[str, list] = {}
+    for (path,), part in steps.with_row_index("i").group_by("path", maintain_order=True):
+        schema = open_parquet(Path(path)).schema_arrow
+        columns = [c for c, text in wanted.items() if c in schema.names and is_text(schema.field(c).type) == text]
+        if not columns:
+            continue
+        found = pl.from_arrow(read_table(Path(path), columns=columns))[part["row"].to_list()]
+        for column in columns:
+            values = extra.setdefault(column, [None] * steps.height)
+            for i, value in zip(part["i"].to_list(), found[column].to_list()):
+                values[i] = value
+    return extra
+
+
+def _tokenizers(steps: pl.DataFrame) -> list[Any]:
+    """Each step's tokenizer: the scoring checkpoint's (`dynamics.tokenizer_for`, loaded once per folder), or None."""
+    found = {key: dynamics.tokenizer_for(Path(key[0]), key[1])
+             for key in steps.select("path", "iteration").unique().iter_rows()}
+    return [found[key] for key in steps.select("path", "iteration").iter_rows()]
 
 
 def _new_input(prompt, previous_prompt, previous_response):
@@ -74,47 +88,44 @@ def _new_input(prompt, previous_prompt, previous_response):
     return prompt
 
 
-def _inputs(steps: pl.DataFrame, extra: dict[str, list], tokenizers: dict[int, Any]) -> list[str | None]:
+def _inputs(steps: pl.DataFrame, extra: dict[str, list], tokenizers: list[Any]) -> list[str | None]:
     """Each step's new input as text, cut to its last INPUT_CHARS characters (a leading … marks a cut)."""
+    none = [None] * steps.height
     if "prompt" in extra:
-        prompts, responses = extra["prompt"], extra.get("response") or [None] * steps.height
+        prompts, responses = extra["prompt"], extra.get("response") or none
     elif "prompt_ids" in extra:
-        prompts, responses = extra["prompt_ids"], extra.get("response_ids") or [None] * steps.height
+        prompts, responses = extra["prompt_ids"], extra.get("response_ids") or none
     else:
-        return [None] * steps.height
+        return none
     first = steps["step"].to_list()
     parts = [_new_input(p, None if first[i] == 0 else prompts[i - 1], None if first[i] == 0 else responses[i - 1])
              if p is not None else None for i, p in enumerate(prompts)]
-    if "prompt" not in extra:  # ids: decode each step's new part with its iteration's tokenizer
-        iterations = steps["iteration"].to_list()
-        parts = [tokenizers[it].decode(p, skip_special_tokens=False) if p is not None and tokenizers.get(it)
-                 else None for p, it in zip(parts, iterations)]
+    if "prompt" not in extra:  # ids: decode each step's new part with its checkpoint's tokenizer
+        parts = [tokenizer.decode(p, skip_special_tokens=False) if p is not None and tokenizer is not None else None
+                 for p, tokenizer in zip(parts, tokenizers)]
     return [None if p is None else p if len(p) <= INPUT_CHARS else "…" + p[-INPUT_CHARS:] for p in parts]
 
 
-def _tokens(steps: pl.DataFrame, extra: dict[str, list], tokenizers: dict[int, Any]) -> dict[str, Any]:
+def _tokens(extra: dict[str, list], tokenizers: list[Any]) -> dict[str, Any]:
     """Token pieces and entropies of the steps whose token_entropy has one value per response token.
 
     Columnar: `start[i]:start[i+1]` are step i's tokens in `piece` (an index into `pieces`) and `entropy` (nats);
     a step without token-level entropies (or without a tokenizer to split its text) has none.
     """
-    n = steps.height
+    n = len(tokenizers)
     entropies = extra.get("token_entropy") or [None] * n
-    ids = extra.get("response_ids")
-    iterations = steps["iteration"].to_list()
+    ids, texts = extra.get("response_ids") or [None] * n, extra.get("response") or [None] * n
     per_step: list[list[str] | None] = [None] * n
-    for iteration, tokenizer in tokenizers.items():
-        if tokenizer is None:
-            continue
-        rows = [i for i in range(n) if iterations[i] == iteration and entropies[i] is not None]
-        if ids is not None:
-            rows = [i for i in rows if ids[i] is not None]
-            responses = [ids[i] for i in rows]
-        elif "response" in extra:
-            rows = [i for i in rows if extra["response"][i] is not None]
-            responses = tokenizer([extra["response"][i] for i in rows], add_special_tokens=False)["input_ids"]
-        else:
-            continue
+    by_tokenizer: dict[int, list[int]] = {}
+    for i, tokenizer in enumerate(tokenizers):
+        if tokenizer is not None and entropies[i] is not None and (ids[i] is not None or texts[i] is not None):
+            by_tokenizer.setdefault(id(tokenizer), []).append(i)
+    for rows in by_tokenizer.values():
+        tokenizer = tokenizers[rows[0]]
+        from_text = [i for i in rows if ids[i] is None]
+        encoded = dict(zip(from_text, tokenizer([texts[i] for i in from_text], add_special_tokens=False)["input_ids"]
+                           if from_text else []))
+        responses = [ids[i] if ids[i] is not None else encoded[i] for i in rows]
         for i, pieces in zip(rows, token_pieces(tokenizer, responses)):
             if pieces and len(pieces) == len(entropies[i]):
                 per_step[i] = pieces
@@ -129,16 +140,13 @@ def _tokens(steps: pl.DataFrame, extra: dict[str, list], tokenizers: dict[int, A
             "has_tokens": [p is not None for p in per_step]}
 
 
-def _texts(steps: pl.DataFrame, extra: dict[str, list], tokenizers: dict[int, Any], has_tokens: list[bool]):
+def _texts(extra: dict[str, list], tokenizers: list[Any], has_tokens: list[bool]) -> list[str | None]:
     """Response text of the steps not shown token by token: `response`, else its ids decoded, else null."""
-    if "response" in extra:
-        texts = extra["response"]
-    elif "response_ids" in extra:
-        texts = [tokenizers[it].decode(ids, skip_special_tokens=False) if ids is not None and tokenizers.get(it)
-                 else None for ids, it in zip(extra["response_ids"], steps["iteration"].to_list())]
-    else:
-        texts = [None] * steps.height
-    return [None if shown else t for t, shown in zip(texts, has_tokens)]
+    none = [None] * len(tokenizers)
+    texts, ids = extra.get("response") or none, extra.get("response_ids") or none
+    return [None if shown else text if text is not None
+            else tokenizer.decode(i, skip_special_tokens=False) if i is not None and tokenizer is not None else None
+            for text, i, tokenizer, shown in zip(texts, ids, tokenizers, has_tokens)]
 
 
 def _figures(frame: pl.DataFrame) -> list[dict[str, str]]:
@@ -176,9 +184,9 @@ def report_document(path: Path, top: int = TOP) -> dict[str, Any]:
                                                   .iter_rows())}
     for entry in audit["confident_mistakes"] + audit["uncertain_successes"]:
         entry["trajectory"] = position[tuple(entry[k] for k in dynamics.TRAJ)]
-    extra = _extra_columns(path, steps["row"])
-    tokenizers = {it: dynamics.tokenizer_for(path, it) for it in steps["iteration"].unique().sort().to_list()}
-    tokens = _tokens(steps, extra, tokenizers)
+    extra = _extra_columns(steps)
+    tokenizers = _tokenizers(steps)
+    tokens = _tokens(extra, tokenizers)
     sources = frame["source"].dtype.categories.to_list()
     quadrants, mistakes, successes, invariants, correlations = _sections(audit)  # (title, headers, rows) each
     return {
@@ -206,7 +214,7 @@ def report_document(path: Path, top: int = TOP) -> dict[str, Any]:
             "step": steps["step"].to_list(),
             "quadrant": steps["quadrant"].to_list(),
             **{key: _rounded(steps[column].to_list(), DIGITS) for key, column in STEP_COLUMNS.items()},
-            "text": _texts(steps, extra, tokenizers, tokens["has_tokens"]),
+            "text": _texts(extra, tokenizers, tokens["has_tokens"]),
             "input": _inputs(steps, extra, tokenizers),
         },
         "tokens": {k: v for k, v in tokens.items() if k != "has_tokens"},
