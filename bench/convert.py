@@ -96,7 +96,7 @@ def build_art(root: Path, steps: int) -> tuple[Path, list[str]]:
 def build_rllm(root: Path, steps: int) -> tuple[Path, list[str]]:
     per_episode = TURNS * 2                                    # two agent trajectories per episode
     for f in range(FILES):
-        folder = root / "rllm" / "episodes" / f"task_step_{f}_epoch_0"
+        folder = root / "rllm" / "episodes" / f"train_step_{f}_epoch_0"
         folder.mkdir(parents=True)
         for e in range(steps // per_episode // FILES):
             chat = [{"role": "user", "content": PROMPT}]
@@ -104,7 +104,8 @@ def build_rllm(root: Path, steps: int) -> tuple[Path, list[str]]:
             for _ in range(TURNS):
                 trajectory_steps.append({"chat_completions": list(chat), "model_response": RESPONSE, "reward": 0.0})
                 chat += [{"role": "assistant", "content": RESPONSE}, {"role": "user", "content": PROMPT[:100]}]
-            (folder / f"episode_{e}.json").write_text(json.dumps({"id": f"t{e // N}:{e % N}", "trajectories": [
+            (folder / f"episode_hash0_idt{e // N}_{e % N}.json").write_text(json.dumps({
+                "training_step": f, "episode_id": f"t{e // N}:{e % N}", "trajectories": [
                 {"uid": f"{e}-{a}", "reward": float(e % 2), "steps": trajectory_steps} for a in range(2)]}))
     return root / "rllm", []
 

@@ -114,12 +114,16 @@ def write_art(root: Path, split: str, step: int, trajectories: list[dict]) -> Pa
     return path
 
 
-def write_rllm(root: Path, step: int, task: str, rollout: int, trajectories: list[dict]) -> Path:
-    folder = root / "episodes" / f"countdown_step_{step}_epoch_0"
+def write_rllm(root: Path, step: int, task: str, rollout: int, trajectories: list[dict], mode: str = "train") -> Path:
+    """rLLM `EpisodeLogger.log_episode`: `episodes/{mode}_step_{step}_epoch_{epoch}/episode_hash{h}_id{id}.json`,
+    the episode id's ':' made '_' in the name, json.dumps(indent=2) plus a newline."""
+    folder = root / "episodes" / f"{mode}_step_{step}_epoch_0"
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"episode_{task}_{rollout}.json"
-    path.write_text(json.dumps({"id": f"{task}:{rollout}", "task": {"question": task}, "is_correct": True,
-                                "trajectories": trajectories, "metrics": {}}, indent=2))
+    path = folder / f"episode_hash0badc0de_id{task}_{rollout}.json"
+    path.write_text(json.dumps({"training_step": step, "epoch": 0, "episode_id": f"{task}:{rollout}",
+                                "session_id": None, "task": {"question": task}, "task_hash": "0badc0de",
+                                "is_correct": True, "termination_reason": "env_done", "metrics": {},
+                                "metadata": {}, "timing": {}, "trajectories": trajectories}, indent=2) + "\n")
     return path
 
 

@@ -12,8 +12,8 @@ import pytest
 
 from empg_cli.cli import main
 from empg_cli.ingest import convert, convert_file
-from ingest_layouts import (prime_episode, prime_node, prime_trace, verl_rows, write_areal, write_art, write_prime, write_rllm,
-                            write_trl, write_verl)
+from ingest_layouts import (prime_episode, prime_node, prime_trace, verl_rows, write_areal, write_art, write_prime,
+                            write_rllm, write_trl, write_verl)
 
 
 def run_cli(capsys, *args) -> tuple[int, str, str]:
@@ -109,7 +109,7 @@ def _prime_layout(tmp_path):
     return root
 
 
-def test_prime_rl_traces_give_exact_ids_along_the_path(tmp_path):
+def test_prime_rl_traces_give_exact_ids(tmp_path):
     summary = convert_file(_prime_layout(tmp_path) / "rollouts", tmp_path / "p.parquet")
     assert (summary.format, summary.fidelity, summary.rows, summary.trajectories) == ("prime-rl", "ids", 3, 2)
     frame = pl.read_parquet(tmp_path / "p.parquet")
@@ -166,6 +166,8 @@ def test_rllm_episodes_steps_in_order_with_the_trajectory_reward(tmp_path):
         write_rllm(tmp_path / "ckpt", 4, "task7", rollout,
                    [{"uid": f"u{rollout}", "reward": reward, "steps": [step("q1", f"a{rollout}", 0.0),
                                                                        step("q2", f"b{rollout}", reward)]}])
+    write_rllm(tmp_path / "ckpt", 4, "task7", 0, [{"uid": "v", "reward": 1.0, "steps": [step("q", "a", 1.0)]}],
+               mode="val")                                                     # validation: not read
     summary = convert_file(tmp_path / "ckpt", tmp_path / "r.parquet")
     assert (summary.format, summary.fidelity, summary.groups, summary.trajectories) == ("rllm", "messages", 1, 2)
     frame = pl.read_parquet(tmp_path / "r.parquet")

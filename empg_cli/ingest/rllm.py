@@ -1,9 +1,11 @@
-"""rLLM's saved episodes: `episodes/{name}_step_{s}_epoch_{e}/episode_*.json`, one Episode a file.
+"""rLLM's episode logs (`rllm.episode_logging.log_episodes=true`): `EPISODE_LOG_DIR/episodes/{mode}_step_{s}_epoch_{e}/
+episode_hash{task_hash}_id{episode_id}.json`, one Episode a file.
 
-An Episode has `id` = `{task_id}:{rollout_idx}` and `trajectories[]`, each with its `uid`, `reward` and `steps[]`;
-a step holds `chat_completions` (the conversation the model answered, its answer last when recorded),
-`model_response` and its own `reward`. Group = task_id, trajectory = the trajectory's uid, step = index in
-`steps`; iteration = the episode's `training_step`, else the folder's step. The reward is the trajectory's.
+rLLM's `EpisodeLogger` writes `training_step`, `epoch`, `episode_id` = `{task_id}:{rollout_idx}` and
+`trajectories[]`, each with its `uid`, `reward` and `steps[]`; a step holds `chat_completions` (the conversation,
+the model's answer last), `model_response` and its own `reward`. Group = task_id, trajectory = the trajectory's
+uid, step = index in `steps`; iteration = `training_step`, else the folder's step. The reward is the
+trajectory's.
 """
 
 from __future__ import annotations
@@ -20,11 +22,9 @@ FIDELITY = "messages"
 PATTERN = "episode_*.json"
 
 
-def _prompt(chat: list[dict[str, Any]], response: str) -> list[dict[str, Any]]:
-    """The messages before the model's answer (dropped when the conversation already ends with it)."""
-    if chat and chat[-1].get("role") == "assistant" and chat[-1].get("content") == response:
-        return chat[:-1]
-    return chat
+def _prompt(chat: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages the model answered: the conversation without the model's own answer when it ends with it."""
+    return chat[:-1] if chat and chat[-1].get("role") == "assistant" else chat
 
 
 def read_file(path: Path, rows: dict[str, list]) -> None:
@@ -44,18 +44,27 @@ def read_file(path: Path, rows: dict[str, list]) -> None:
             rows["group_id"].append(task_id)
             rows["traj_id"].append(str(uid))
             rows["step"].append(s)
-            rows["messages"].add(_prompt(need(step, "chat_completions", path, 1, "trajectories[].steps[]."),
-                                            response))
+            rows["messages"].add(_prompt(need(step, "chat_completions", path, 1, "trajectories[].steps[].")))
             rows["response"].append(response)
             rows["reward"].append(trajectory.get("reward"))
             rows["step_reward"].append(step.get("reward"))
+
+
+def training_episodes(sources: Sequence[Path]) -> list[Path]:
+    """The episode files named, and under each folder those of its `train_step_*` folders (all if it has none):
+    `val_step_*` folders hold validation episodes."""
+    files = []
+    for source in sources:
+        found = layout_files([source], PATTERN)
+        files.extend([f for f in found if f.parent.name.startswith("train_")] or found)
+    return files
 
 
 def read(sources: Sequence[Path], options: Options) -> Converted:
     rows: dict[str, Any] = {k: [] for k in ("iteration", "group_id", "traj_id", "step", "response", "reward",
                                             "step_reward")}
     rows["messages"] = MessageLists()
-    for path in layout_files(sources, PATTERN):
+    for path in training_episodes(sources):
         read_file(path, rows)
     extra = pl.DataFrame({"step_reward": pl.Series(rows.pop("step_reward"), dtype=pl.Float64)})
     rows["messages"] = rows["messages"].series()
