@@ -115,9 +115,10 @@ def build_areal(root: Path, steps: int) -> tuple[Path, list[str]]:
         folder = root / "areal" / "rollout" / str(f)
         folder.mkdir(parents=True)
         for task in range(steps // N // FILES):
-            (folder / f"t{task}.jsonl").write_text("".join(json.dumps(
-                {"task_id": f"t{task}", "sample_idx": i, "reward": float(i % 2), "prompt": PROMPT,
-                 "completion": RESPONSE}) + "\n" for i in range(N)))
+            (folder / f"{task}.jsonl").write_text("".join(json.dumps(
+                {"task_id": task, "sample_idx": i, "seqlen": 100, "prompt_len": 70, "head_version": f,
+                 "tail_version": f, "reward": float(i % 2), "prompt": PROMPT, "completion": RESPONSE}) + "\n"
+                for i in range(N)))
     return root / "areal", []
 
 

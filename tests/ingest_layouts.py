@@ -127,10 +127,14 @@ def write_rllm(root: Path, step: int, task: str, rollout: int, trajectories: lis
     return path
 
 
-def write_areal(root: Path, version: int, task_id: str, samples: list[dict]) -> Path:
-    folder = root / "rollout" / str(version)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{task_id}.jsonl"
-    path.write_text("".join(json.dumps({"task_id": task_id, "sample_idx": i, **s}) + "\n"
-                            for i, s in enumerate(samples)))
+def write_areal(root: Path, version: int, task_id: int, samples: list[dict], folder: str = "rollout") -> Path:
+    """AReaL `WorkflowExecutor._dump_trajectory`: `{rollout,eval-rollout}/{tail_version}/{task_id}.jsonl`, one
+    json.dumps line per sample appended."""
+    directory = root / folder / str(version)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{task_id}.jsonl"
+    with open(path, "a") as fh:
+        for i, sample in enumerate(samples):
+            fh.write(json.dumps({"task_id": task_id, "sample_idx": i, "seqlen": 12, "prompt_len": 8,
+                                 "head_version": version, "tail_version": version, **sample}) + "\n")
     return path

@@ -178,12 +178,14 @@ def test_rllm_episodes_steps_in_order_with_the_trajectory_reward(tmp_path):
 
 
 def test_areal_version_folders_and_task_files(tmp_path):
-    write_areal(tmp_path / "run", 2, "t1", [{"reward": 1.0, "prompt": "<|user|>hi", "completion": "yo<|end|>"},
-                                            {"reward": 0.0, "prompt": "<|user|>hi", "completion": "no<|end|>"}])
-    write_areal(tmp_path / "run", 10, "t1", [{"reward": 0.5, "prompt": "<|user|>hi", "completion": "ok<|end|>"}])
-    frame = convert(tmp_path / "run")
+    write_areal(tmp_path / "run", 2, 7, [{"reward": 1.0, "prompt": "<|user|>hi", "completion": "yo<|end|>"},
+                                         {"reward": 0.0, "prompt": "<|user|>hi", "completion": "no<|end|>"}])
+    write_areal(tmp_path / "run", 10, 7, [{"reward": 0.5, "prompt": "<|user|>hi", "completion": "ok<|end|>"}])
+    write_areal(tmp_path / "run", 10, 8, [{"reward": 1.0, "prompt": "p", "completion": "c"}], folder="eval-rollout")
+    frame = convert(tmp_path / "run")                                  # eval-rollout/ is evaluation: not read
     assert frame.select("iteration", "group_id", "traj_id", "response", "reward").rows() == [
-        (2, "t1", "0", "yo<|end|>", 1.0), (2, "t1", "1", "no<|end|>", 0.0), (10, "t1", "0", "ok<|end|>", 0.5)]
+        (2, "7", "0", "yo<|end|>", 1.0), (2, "7", "1", "no<|end|>", 0.0), (10, "7", "0", "ok<|end|>", 0.5)]
+    assert frame["prompt_len"].to_list() == [8, 8, 8] and frame["prompt"].to_list() == ["<|user|>hi"] * 3
 
 
 def test_generic_table_with_map(tmp_path):
@@ -220,7 +222,7 @@ def test_broken_sources_one_error_line_exit_2_no_output(tmp_path, capsys, case):
         path = write_trl(tmp_path / "o", 1, prompts=2, n=5, rng=np.random.default_rng(0))
         args, expect = [tmp_path / "o", "--group-size", 4], f"{path}: row 8: has 10 rows, not a multiple of --group-size 4"
     else:
-        path = write_areal(tmp_path / "r", 1, "t", [{"reward": 1.0, "prompt": "p", "completion": "c"},
+        path = write_areal(tmp_path / "r", 1, 3, [{"reward": 1.0, "prompt": "p", "completion": "c"},
                                                     {"prompt": "p", "completion": "c"}])
         args, expect = [tmp_path / "r", "--from", "areal"], f"{path}: line 2 has no field 'reward'"
     code, out, err = run_cli(capsys, "convert", *args, "-o", tmp_path / "out.parquet")
@@ -245,7 +247,7 @@ def test_detection_without_from(tmp_path, fmt):
         write_rllm(tmp_path / "s", 1, "t", 0, [{"uid": "u", "reward": 1.0, "steps": [
             {"chat_completions": [{"role": "user", "content": "q"}], "model_response": "a", "reward": 1.0}]}])
     else:
-        write_areal(tmp_path / "s", 1, "t", [{"reward": 1.0, "prompt": "p", "completion": "c"}])
+        write_areal(tmp_path / "s", 1, 3, [{"reward": 1.0, "prompt": "p", "completion": "c"}])
     summary = convert_file(tmp_path / "s", tmp_path / "out.parquet", group_size=2 if fmt == "trl" else None)
     assert summary.format == fmt
 

@@ -58,6 +58,16 @@ def layout_files(sources: Sequence[Path], pattern: str) -> list[Path]:
     return files
 
 
+def preferred_files(sources: Sequence[Path], pattern: str, *choices: Callable[[Path], bool]) -> list[Path]:
+    """The layout's files: each named file, and under each folder the files of the first of `choices` that matches
+    any (e.g. training before evaluation), else all of them."""
+    files: list[Path] = []
+    for source in sources:
+        found = layout_files([source], pattern)
+        files.extend(next((chosen for keep in choices if (chosen := [f for f in found if keep(f)])), found))
+    return files
+
+
 def natural_key(path: Path) -> list[Any]:
     """Sort key that puts step_9 before step_10."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]

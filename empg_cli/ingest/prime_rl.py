@@ -26,7 +26,7 @@ import polars as pl
 import pyarrow as pa
 
 from ..errors import BadInput
-from .common import Converted, Options, TokenLists, json_lines, layout_files, need, rollouts_frame
+from .common import Converted, Options, TokenLists, json_lines, need, preferred_files, rollouts_frame
 
 FIDELITY = "ids"
 PATTERN = "traces.jsonl"
@@ -102,23 +102,14 @@ def spans_to_lists(tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> 
     return pl.Series(pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(tokens[index])))
 
 
-def training_traces(sources: Sequence[Path]) -> list[Path]:
-    """The traces.jsonl files named, and under each folder its `train/effective` ones (else `train/all`, else all)."""
-    files = []
-    for source in sources:
-        found = layout_files([source], PATTERN)
-        for subset in SUBSETS:
-            chosen = [f for f in found if (f.parent.parent.name, f.parent.name) == ("train", subset)]
-            if chosen:
-                break
-        files.extend(chosen or found)
-    return files
+def _in_train(subset: str):
+    return lambda file: (file.parent.parent.name, file.parent.name) == ("train", subset)
 
 
 def read(sources: Sequence[Path], options: Options) -> Converted:
     rows: dict[str, Any] = {k: [] for k in ("iteration", "group_id", "traj_id", "step", "reward", "spans")}
     rows["logprobs"], tokens = TokenLists(), []
-    for path in training_traces(sources):
+    for path in preferred_files(sources, PATTERN, *map(_in_train, SUBSETS)):
         read_file(path, rows, tokens)
     if not rows["step"]:
         raise BadInput(sources[0], "has no sampled tokens in any trace")

@@ -5,7 +5,7 @@ rLLM's `EpisodeLogger` writes `training_step`, `epoch`, `episode_id` = `{task_id
 `trajectories[]`, each with its `uid`, `reward` and `steps[]`; a step holds `chat_completions` (the conversation,
 the model's answer last), `model_response` and its own `reward`. Group = task_id, trajectory = the trajectory's
 uid, step = index in `steps`; iteration = `training_step`, else the folder's step. The reward is the
-trajectory's.
+trajectory's. Given a folder, the `train_step_*` episodes are read (`val_step_*` ones are validation).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import polars as pl
 
 from ..errors import BadInput
-from .common import Converted, MessageLists, Options, layout_files, need, number_in, read_json, rollouts_frame
+from .common import Converted, MessageLists, Options, need, number_in, preferred_files, read_json, rollouts_frame
 
 FIDELITY = "messages"
 PATTERN = "episode_*.json"
@@ -50,21 +50,11 @@ def read_file(path: Path, rows: dict[str, list]) -> None:
             rows["step_reward"].append(step.get("reward"))
 
 
-def training_episodes(sources: Sequence[Path]) -> list[Path]:
-    """The episode files named, and under each folder those of its `train_step_*` folders (all if it has none):
-    `val_step_*` folders hold validation episodes."""
-    files = []
-    for source in sources:
-        found = layout_files([source], PATTERN)
-        files.extend([f for f in found if f.parent.name.startswith("train_")] or found)
-    return files
-
-
 def read(sources: Sequence[Path], options: Options) -> Converted:
     rows: dict[str, Any] = {k: [] for k in ("iteration", "group_id", "traj_id", "step", "response", "reward",
                                             "step_reward")}
     rows["messages"] = MessageLists()
-    for path in training_episodes(sources):
+    for path in preferred_files(sources, PATTERN, lambda f: f.parent.name.startswith("train_")):
         read_file(path, rows)
     extra = pl.DataFrame({"step_reward": pl.Series(rows.pop("step_reward"), dtype=pl.Float64)})
     rows["messages"] = rows["messages"].series()
