@@ -13,8 +13,8 @@ from typer.exceptions import TyperException
 from rich.console import Console
 
 from . import __version__
-from .config import (Device, Dtype, EmpgNorm, EntropySource, Estimator, RewardAgg, ScoreConfig, Truncation,
-                     advantage_config_from)
+from .config import (Device, Dtype, EmpgNorm, Engine, EntropySource, Estimator, RewardAgg, ScoreConfig,
+                     Truncation, advantage_config_from)
 from .errors import EmpgError
 
 app = typer.Typer(help="Entropy-modulated credit assignment for RL-trained LLM agents: rescore logged rollouts, "
@@ -93,7 +93,9 @@ def _print_summary(summary) -> None:
                                   f"{summary.iterations} iteration(s)")
     table.add_row("success rate", f"{summary.success_rate:.1%} (traj_reward > 0)")
     table.add_row("mean step entropy", f"{summary.mean_step_entropy:.4f} nats")
-    if summary.tokens_scored:
+    if summary.resumed_steps:
+        table.add_row("resumed", f"{summary.resumed_steps:,} steps (committed by an earlier run)")
+    if summary.tokens_scored or summary.resumed_steps:
         table.add_row("rescored", f"{summary.tokens_scored:,} response tokens in {summary.seconds:.1f} s "
                                   f"on {summary.device} ({summary.dtype})")
     table.add_row("wrote", str(summary.output))
@@ -125,11 +127,21 @@ def score(
                                         help="Score prefix-chained trajectories in one forward pass."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow non-safetensors weights."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the checkpoint."),
+    engine: Engine = typer.Option("local", "--engine", help="local: this process; ray: a Ray actor pool, one "
+                                  "policy per worker (pip install 'empg[ray]')."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Ray workers (default: one per GPU of the "
+                                          "cluster, else 1)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster to attach to (default: "
+                                              "RAY_ADDRESS's, else a local one started for the run)."),
+    no_resume: bool = typer.Option(False, "--no-resume", help="Start over instead of continuing from the work "
+                                   "an interrupted run committed."),
     debug: bool = DEBUG,
 ) -> None:
     """Rescore every step with the policy and compute base, EMPG and AEM advantages.
 
     Writes INPUT.scored.parquet: every input row and column, then the step statistics and advantages.
+    Finished work is committed to a folder beside the output as it goes: rerunning the same command after
+    a crash or a kill resumes where it stopped; the folder is removed once the output is written.
     """
     with _reported(debug):
         from .pipeline import score_file
@@ -141,7 +153,8 @@ def score(
                           trust_remote_code=trust_remote_code)
         with _token_progress() as progress:
             summary = score_file(input, output or _default_output(input, "scored"), cfg, adv, overwrite=overwrite,
-                                 progress=progress)
+                                 progress=progress, engine=engine, workers=workers, ray_address=ray_address,
+                                 resume=not no_resume)
         for warning in summary.warnings:
             typer.echo(f"warning: {warning}", err=True)
         _print_summary(summary)
@@ -149,24 +162,30 @@ def score(
 
 @contextmanager
 def _token_progress():
-    """A rich progress bar over steps, with tokens/s, on stderr (only on a terminal), shown once rescoring starts."""
+    """Progress on stderr: a rich bar over steps with tokens/s on a terminal, plain throttled lines otherwise."""
+    from .progress import Heartbeat, ProgressLines
+    if not err.is_terminal:
+        lines = ProgressLines(lambda line: typer.echo(line, err=True))
+        with Heartbeat(lines.tick):
+            yield lines.callbacks()
+        return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, ProgressColumn, TextColumn, \
         TimeRemainingColumn
     from rich.text import Text
 
-    from .pipeline import Progress
+    from .progress import Progress
 
     class TokensPerSecond(ProgressColumn):
         def render(self, task) -> Text:
             return Text(f"{task.fields['tokens'] / task.elapsed if task.elapsed else 0:,.0f} tok/s")
 
     bar = Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
-              TokensPerSecond(), TimeRemainingColumn(), console=err, transient=True, disable=not err.is_terminal)
+              TokensPerSecond(), TimeRemainingColumn(), console=err, transient=True)
     task = bar.add_task("rescoring", total=None, tokens=0)
 
-    def start(total_steps: int) -> None:
+    def start(total_steps: int, done_steps: int) -> None:
         bar.start()
-        bar.update(task, total=total_steps)
+        bar.update(task, total=total_steps, completed=done_steps)
 
     def advance(steps: int, tokens: int) -> None:
         bar.update(task, advance=steps, tokens=bar.tasks[0].fields["tokens"] + tokens)

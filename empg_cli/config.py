@@ -100,6 +100,35 @@ class ScoreConfig:
             raise BadUsage(f"--batch-tokens must be >= 1; got {self.batch_tokens}")
 
 
+Engine = Literal["local", "ray"]
+ENGINES = get_args(Engine)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where `empg score` rescores and whether it resumes; none of it changes the results."""
+
+    engine: str = "local"
+    """`local`: this process, chunk after chunk; `ray`: a Ray Data actor pool, one policy per actor."""
+    workers: int | None = None
+    """Ray actors; None: one per GPU of the cluster, else 1."""
+    ray_address: str | None = None
+    """The Ray cluster to attach to; None: the one named by RAY_ADDRESS, else a local one started for the run."""
+    resume: bool = True
+    """Continue from the results a killed run with the same input and settings committed to the work folder."""
+    chunk_tokens: int | None = None
+    """Tokens per committed chunk; None: sized to about 10 s of compute."""
+
+    def __post_init__(self) -> None:
+        _check_choice("--engine", self.engine, ENGINES)
+        if self.workers is not None and self.workers < 1:
+            raise BadUsage(f"--workers must be >= 1; got {self.workers}")
+        if self.engine != "ray" and (self.workers is not None or self.ray_address is not None):
+            raise BadUsage("--workers and --ray-address need --engine ray")
+        if self.chunk_tokens is not None and self.chunk_tokens < 1:
+            raise BadUsage(f"chunk_tokens must be >= 1; got {self.chunk_tokens}")
+
+
 def config_to_dict(config: Any) -> dict[str, Any]:
     """JSON-ready dict of a config dataclass (tuples become lists)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}

@@ -8,6 +8,17 @@ from pathlib import Path
 class EmpgError(Exception):
     """A problem the user can fix: bad input, bad usage or an unloadable model (exit code 2)."""
 
+    def __reduce__(self):
+        """Errors raised on a Ray worker reach the driver pickled: keep the message and the attributes."""
+        return _restore, (type(self), str(self), self.__dict__)
+
+
+def _restore(cls: type, message: str, attributes: dict) -> EmpgError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    error.__dict__.update(attributes)
+    return error
+
 
 class BadUsage(EmpgError):
     """A flag, path or hyperparameter that cannot be used as given."""
@@ -23,6 +34,10 @@ class OutputExists(BadUsage):
 
 class ModelLoadError(EmpgError):
     """The model or tokenizer cannot be loaded as asked (missing, unsafe format, no chat template)."""
+
+
+class WorkerFailed(Exception):
+    """A Ray worker failed for a reason other than bad input (a bug, out of memory, a lost node): exit code 1."""
 
 
 class BadInput(EmpgError):

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -19,29 +19,19 @@ import pyarrow.compute as pc
 
 from . import __version__
 from .advantages import ADVANTAGE_COLUMNS, advantage_table
-from .config import AdvantageConfig, ScoreConfig, advantage_config_from, config_to_dict
-from .errors import BadInput, BadUsage
+from .chunk import STEP_COLUMNS, Source, row_costs
+from .config import AdvantageConfig, RunConfig, ScoreConfig, advantage_config_from, config_to_dict
+from .errors import BadUsage
 from .ingest.convert import TEXT_WARNING
-from .output import atomic_output, write_parquet
+from .output import atomic_output, sidecar, write_parquet
+from .progress import Progress
 from .rollouts import (ROWS_PER_CHUNK, Rollouts, open_parquet, open_rollouts, read_metadata, read_table, sha256_file,
                        with_columns)
 from .schema import GROUP_KEYS, SCHEMA_VERSION, TRAJ_KEYS
-from .sequences import TokenRows, check_vocabulary, plan_units, token_rows
 from .validation import ROW
-
-if TYPE_CHECKING:
-    from .scoring import Policy
+from .work import WorkFolder, work_key
 
 MODEL_COLUMNS = ["step_renyi2", "step_logprob", "step_grad_norm_sq", "step_grad_norm_sq_expected"]
-
-
-@dataclass
-class Progress:
-    """Callbacks a front end may pass to follow long work; the library itself never prints."""
-
-    start: Callable[[int], None] = lambda total_steps: None
-    advance: Callable[[int, int], None] = lambda steps, tokens: None
-    note: Callable[[str], None] = lambda message: None
 
 
 @dataclass
@@ -57,19 +47,12 @@ class Summary:
     mean_step_entropy: float
     tokens_scored: int = 0
     seconds: float = 0.0
+    resumed_steps: int = 0
+    """Steps whose results a killed run had committed."""
     device: str | None = None
     dtype: str | None = None
     warnings: list[str] = field(default_factory=list)
     """Things the user should know about the result (the library never prints; the CLI shows them)."""
-
-
-@dataclass(frozen=True)
-class TokenLists:
-    """Per-token entropy and log-prob of every row, as list offsets and flat values."""
-
-    offsets: np.ndarray
-    entropy: np.ndarray
-    logprob: np.ndarray
 
 
 def _logged_statistics(rollouts: Rollouts, rows_per_chunk: int) -> dict[str, np.ndarray]:
@@ -104,115 +87,55 @@ def _model_refs(rollouts: Rollouts, cfg: ScoreConfig) -> dict[int, str]:
     return {it: template.replace("{iteration}", str(it)) for it in iterations}
 
 
-def _check_logged_lengths(path: Path, table: pa.Table, responses: TokenRows, rows: np.ndarray) -> None:
-    """Logged token_entropy must have one entry per response token as the model tokenises it."""
-    if "token_entropy" not in table.column_names:
-        return
-    logged = pc.list_value_length(table.column("token_entropy")).to_numpy(zero_copy_only=False)
-    bad = np.flatnonzero(~np.isnan(logged.astype(float)) & (logged != responses.lengths))
-    if bad.size:
-        i = bad[0]
-        raise BadInput(path, f"has {int(logged[i])} entropies for {responses.lengths[i]} response tokens",
-                       column="token_entropy", row=int(rows[i]))
+def _settings(rollouts: Rollouts, cfg: ScoreConfig, refs: dict[int, str], input_sha256: str) -> dict[str, Any]:
+    """Everything that changes the statistics, for the work folder's key. The batch size does not (a run that ran out
+    of memory resumes with a smaller one); each local checkpoint's weight files are named with their size and time."""
+    def files(ref: str) -> list[tuple[str, int, int]] | None:
+        folder = Path(ref)
+        if not folder.is_dir():
+            return None
+        return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(folder.iterdir())
+                if f.suffix in (".safetensors", ".bin", ".pt", ".pth")]
+    return {"input_sha256": input_sha256, "columns": [rollouts.input_column, rollouts.output_column],
+            "score": {k: v for k, v in config_to_dict(cfg).items() if k != "batch_tokens"},
+            "checkpoints": {ref: files(ref) for ref in sorted(set(refs.values()))}}
 
 
-def _empty_table(rollouts: Rollouts, columns: list[str]) -> pa.Table:
-    """An empty table with the file's types for `columns`."""
-    return pa.schema([rollouts.schema.field(c) for c in columns]).empty_table()
-
-
-class _Checkpoints:
-    """Loads the checkpoint each chunk needs, keeping one in memory, and records their provenance."""
-
-    def __init__(self, cfg: ScoreConfig, progress: Progress) -> None:
-        from .scoring import resolve_device, resolve_dtype  # torch is imported only when a model is needed
-        self.cfg, self.progress = cfg, progress
-        self.device = resolve_device(cfg.device)
-        self.dtype = resolve_dtype(cfg.dtype, self.device)
-        self.current: Policy | None = None
-        self.provenance: dict[str, dict[str, Any]] = {}
-
-    def get(self, ref: str, iterations: list[int]) -> Policy:
-        from .scoring import load_policy
-        if self.current is None or self.current.ref != ref:
-            self.progress.note(f"loading {ref}")
-            self.current = None  # free the previous weights before loading the next
-            self.current = load_policy(ref, device=self.device, dtype=self.dtype, allow_pickle=self.cfg.allow_pickle,
-                                       trust_remote_code=self.cfg.trust_remote_code)
-            self.progress.note("rescoring")
-        seen = self.provenance.setdefault(ref, {"iterations": [], "weights_sha256": self.current.weights_sha256})
-        seen["iterations"] = sorted(set(seen["iterations"]) | set(iterations))
-        return self.current
-
-
-def _model_statistics(rollouts: Rollouts, cfg: ScoreConfig, progress: Progress, rows_per_chunk: int,
-                      ) -> tuple[dict[str, np.ndarray], TokenLists | None, dict[str, Any]]:
-    """Rescore every step with its iteration's checkpoint: step arrays, per-token lists, model provenance."""
-    import torch
-
-    from .scoring import score_units
-    from .stats import TokenStats
+def _model_statistics(rollouts: Rollouts, cfg: ScoreConfig, refs: dict[int, str], progress: Progress,
+                      work: WorkFolder, run: RunConfig, rows_per_chunk: int,
+                      ) -> tuple[pa.Table, dict[str, Any], np.ndarray]:
+    """Rescore the steps not yet in the work folder on the chosen engine: all steps' results (in row order, from the
+    committed parts), model provenance, and which steps were resumed."""
+    from .engines import Job
     n = rollouts.steps.height
-    refs = _model_refs(rollouts, cfg)
-    checkpoints = _Checkpoints(cfg, progress)
-    info: dict[str, Any] = {"ref": cfg.model or rollouts.metadata["model"]["ref"], "device": str(checkpoints.device),
-                            "dtype": str(checkpoints.dtype).removeprefix("torch."), "truncated_prompts": 0,
-                            "prefix_shared_trajectories": 0}
-    token_row, scored = [], []
-    columns = [rollouts.input_column, rollouts.output_column] + ["token_entropy"] * ("token_entropy" in rollouts.schema.names)
-    # a trajectory is scored once its last row has been read, whole: rows of unfinished ones wait for later chunks
-    last_row = rollouts.steps.select(pl.col(ROW).max().over(TRAJ_KEYS))[ROW].to_numpy()
-    waiting, waiting_rows = _empty_table(rollouts, columns), np.zeros(0, dtype=np.int64)
-    progress.start(n)
-    for offset, chunk in rollouts.chunks(columns, rows_per_chunk):
-        chunk = pa.concat_tables([waiting, chunk])
-        read = np.concatenate([waiting_rows, np.arange(offset, offset + chunk.num_rows - len(waiting_rows))])
-        ready = last_row[read] < offset + chunk.num_rows - len(waiting_rows)
-        waiting, waiting_rows = chunk.filter(pa.array(~ready)), read[~ready]
-        chunk, read = chunk.filter(pa.array(ready)), read[ready]
-        keys = rollouts.steps[read].with_columns(pl.int_range(pl.len()).alias("_chunk"))
-        for ref in dict.fromkeys(refs[it] for it in keys["iteration"].unique(maintain_order=True)):
-            iterations = [it for it, r in refs.items() if r == ref]
-            policy = checkpoints.get(ref, sorted(set(iterations) & set(keys["iteration"].to_list())))
-            subset = keys.filter(pl.col("iteration").is_in(iterations))
-            rows = subset[ROW].to_numpy()
-            table = chunk.take(subset["_chunk"].to_numpy())
-            prompts = token_rows(table, rollouts.input_column, policy.tokenizer, rollouts.path)
-            responses = token_rows(table, rollouts.output_column, policy.tokenizer, rollouts.path)
-            check_vocabulary(prompts, policy.vocab_size, rollouts.path, rollouts.input_column, rows)
-            check_vocabulary(responses, policy.vocab_size, rollouts.path, rollouts.output_column, rows)
-            _check_logged_lengths(rollouts.path, table, responses, rows)
-            trajectories = (subset.with_columns(pl.int_range(pl.len()).alias("_local")).sort([*TRAJ_KEYS, "step"])
-                            .group_by(TRAJ_KEYS, maintain_order=True).agg("_local")["_local"].to_list())
-            units, truncated = plan_units([np.asarray(t) for t in trajectories], prompts, responses,
-                                          max_len=policy.max_len, truncate_left=cfg.truncate_prompt == "left",
-                                          share_prefix=cfg.prefix_sharing, path=rollouts.path, row_ids=rows)
-            info["truncated_prompts"] += truncated
-            info["prefix_shared_trajectories"] += sum(len(u.rows) > 1 for u in units)
-            stats = score_units(policy, units, temperature=cfg.temperature, batch_tokens=cfg.batch_tokens,
-                                on_batch=progress.advance)
-            token_row.append(np.repeat(rows[np.concatenate([u.rows for u in units])],
-                                       np.concatenate([u.lengths for u in units])))
-            scored.append(stats)
-    info["checkpoints"] = checkpoints.provenance
-    row = np.concatenate(token_row)
-    tokens = TokenStats(*(torch.cat(column).double() for column in zip(*scored)))  # every response token, float64
-    count = np.bincount(row, minlength=n)
-
-    def total(x: torch.Tensor) -> np.ndarray:  # per-step sum over the step's tokens
-        return np.bincount(row, weights=x.numpy(), minlength=n)
-
-    arrays = {"n_response_tokens": count.astype(np.int32), "step_entropy": total(tokens.entropy) / count,
-              "step_renyi2": total(tokens.renyi2) / count, "step_logprob": total(tokens.logprob),
-              "step_grad_norm_sq": total(tokens.grad_norm_sq) / count,
-              "step_grad_norm_sq_expected": total(tokens.grad_norm_sq_expected) / count}
-    lists = None
-    if cfg.token_level:  # tokens of a row are contiguous and in order: a stable sort by row groups them
-        order = np.argsort(row, kind="stable")
-        offsets = np.concatenate([[0], np.cumsum(count)]).astype(np.int64)
-        lists = TokenLists(offsets, tokens.entropy.numpy()[order].astype(np.float32),
-                           tokens.logprob.numpy()[order].astype(np.float32))
-    return arrays, lists, info
+    done = np.zeros(n, dtype=bool)
+    for part in work.committed():
+        done[part.column(ROW).to_numpy()] = True
+    progress.start(n, int(done.sum()))
+    job = Job(Source.of(rollouts), refs, cfg, rollouts.steps, row_costs(rollouts, rows_per_chunk), done)
+    if run.engine == "ray":
+        from .engines.ray import run_ray
+        run_ray(job, work, progress, workers=run.workers, address=run.ray_address, chunk_tokens=run.chunk_tokens)
+    else:
+        from .engines.local import run_local
+        run_local(job, rollouts, work, progress, chunk_tokens=run.chunk_tokens, rows_per_chunk=rows_per_chunk)
+    results = pa.concat_tables(work.committed())
+    rows = results.column(ROW).to_numpy()
+    if len(rows) != n or not np.array_equal(np.sort(rows), np.arange(n)):
+        raise RuntimeError(f"the work folder {work.path} holds results for {len(np.unique(rows))} of {n} steps")
+    results = results.take(pa.array(np.argsort(rows)))
+    steps = rollouts.steps.with_columns(pl.from_arrow(results.select(["_truncated", "_shared", "_weights"])))
+    checkpoints = {}
+    for ref in dict.fromkeys(refs.values()):
+        scored = steps.filter(pl.col("iteration").is_in([it for it, r in refs.items() if r == ref]))
+        checkpoints[ref] = {"iterations": scored["iteration"].unique().sort().to_list(),
+                            "weights_sha256": scored["_weights"].drop_nulls().first()}
+    device, dtype = (",".join(sorted(set(results.column(c).to_pylist()))) for c in ("_device", "_dtype"))
+    info = {"ref": cfg.model or rollouts.metadata["model"]["ref"], "device": device, "dtype": dtype,
+            "truncated_prompts": int(steps["_truncated"].sum()),
+            "prefix_shared_trajectories": steps.filter("_shared").select(TRAJ_KEYS).n_unique(),
+            "checkpoints": checkpoints}
+    return results, info, done
 
 
 def _step_columns(arrays: dict[str, np.ndarray]) -> dict[str, pa.Array]:
@@ -223,16 +146,12 @@ def _step_columns(arrays: dict[str, np.ndarray]) -> dict[str, pa.Array]:
     return columns
 
 
-def _token_columns(rollouts: Rollouts, lists: TokenLists | None) -> dict[str, pa.Array]:
+def _token_columns(rollouts: Rollouts, results: pa.Table | None) -> dict[str, pa.ChunkedArray]:
     """token_entropy (unless the input has it) and token_logprob, one list per row (null from logs)."""
-    if lists is None:
-        return {"token_logprob": pa.nulls(rollouts.steps.height, pa.list_(pa.float32()))}
-    columns = {}
-    if "token_entropy" not in rollouts.schema.names:
-        columns["token_entropy"] = pa.LargeListArray.from_arrays(lists.offsets, lists.entropy).cast(
-            pa.list_(pa.float32()))
-    columns["token_logprob"] = pa.LargeListArray.from_arrays(lists.offsets, lists.logprob).cast(pa.list_(pa.float32()))
-    return columns
+    if results is None:
+        return {"token_logprob": pa.chunked_array([pa.nulls(rollouts.steps.height, pa.list_(pa.float32()))])}
+    names = ["token_logprob"] if "token_entropy" in rollouts.schema.names else ["token_entropy", "token_logprob"]
+    return {name: results.column(name) for name in names}
 
 
 def _advantage_columns(steps: pl.DataFrame, cfg: AdvantageConfig, n_tokens: np.ndarray,
@@ -254,12 +173,12 @@ def _summary(output: Path, steps: pl.DataFrame, traj_reward: pa.Array, step_entr
 
 
 def _metadata(rollouts: Rollouts, score: ScoreConfig | None, advantages: AdvantageConfig,
-              model: dict[str, Any] | None) -> dict[str, Any]:
+              model: dict[str, Any] | None, input_sha256: str | None = None) -> dict[str, Any]:
     """The `empg` provenance: an `advantages` run keeps what the scoring run recorded and updates the rest."""
     stored = rollouts.metadata or {}
     base = dict(stored) if score is None else {k: stored[k] for k in ("source", "fidelity") if k in stored}
     base.update({"schema_version": SCHEMA_VERSION, "tool": "empg", "tool_version": __version__,
-                 "input_sha256": sha256_file(rollouts.path), "input": rollouts.path.name,
+                 "input_sha256": input_sha256 or sha256_file(rollouts.path), "input": rollouts.path.name,
                  "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                  "advantages": config_to_dict(advantages), "estimator": advantages.estimator})
     if score is not None:
@@ -270,33 +189,54 @@ def _metadata(rollouts: Rollouts, score: ScoreConfig | None, advantages: Advanta
 
 
 def score_file(input_path: Path, output_path: Path, score: ScoreConfig, advantages: AdvantageConfig, *,
-               overwrite: bool = False, progress: Progress | None = None,
-               rows_per_chunk: int = ROWS_PER_CHUNK) -> Summary:
-    """Validate, rescore (or take logged entropies), compute advantages, write the scored table (docs/cli.md)."""
+               overwrite: bool = False, progress: Progress | None = None, engine: str = "local",
+               workers: int | None = None, ray_address: str | None = None, resume: bool = True,
+               rows_per_chunk: int = ROWS_PER_CHUNK, chunk_tokens: int | None = None) -> Summary:
+    """Validate, rescore (or take logged entropies), compute advantages, write the scored table (docs/cli.md).
+
+    Rescoring runs on `engine` (local, or ray with `workers` actors on the cluster at `ray_address`) and commits
+    finished chunks to a work folder beside the output; with `resume`, a rerun with the same input and settings
+    continues from them. `chunk_tokens` fixes the chunk size (default: about 10 s of compute per chunk).
+    """
     progress = progress or Progress()
+    run = RunConfig(engine=engine, workers=workers, ray_address=ray_address, resume=resume, chunk_tokens=chunk_tokens)
     with atomic_output(output_path, overwrite=overwrite, inputs=[input_path]) as temp:
+        if run.engine == "ray" and score.entropy_source == "model":
+            from .engines.ray import import_ray
+            import_ray()  # not installed: bad usage, found before any work
         started = time.perf_counter()
         rollouts = open_rollouts(input_path, advantages, entropy_source=score.entropy_source)
         if score.temperature is None:
             score = replace(score, temperature=float((rollouts.metadata or {}).get("temperature", 1.0)))
-        model_info, lists = None, None
+        input_sha256 = sha256_file(rollouts.path)
+        model_info, results, work, resumed = None, None, None, None
         if score.entropy_source == "logged":
             arrays = _logged_statistics(rollouts, rows_per_chunk)
         else:
-            arrays, lists, model_info = _model_statistics(rollouts, score, progress, rows_per_chunk)
+            refs = _model_refs(rollouts, score)
+            # the work folder is ours while atomic_output holds the output's lock
+            work = WorkFolder(sidecar(output_path, "work"), work_key(_settings(rollouts, score, refs, input_sha256)),
+                              resume=run.resume)
+            results, model_info, resumed = _model_statistics(rollouts, score, refs, progress, work, run,
+                                                             rows_per_chunk)
+            arrays = {c: results.column(c).to_numpy() for c in STEP_COLUMNS}
         steps = rollouts.steps.with_columns(step_entropy=pl.Series(arrays["step_entropy"]))
         columns = _step_columns(arrays)
         columns.update(_advantage_columns(steps, advantages, arrays["n_response_tokens"], score.token_level))
         if score.token_level:
-            columns = _token_columns(rollouts, lists) | columns
-        write_parquet(temp, with_columns(rollouts, columns, _metadata(rollouts, score, advantages, model_info),
+            columns = _token_columns(rollouts, results) | columns
+        write_parquet(temp, with_columns(rollouts, columns,
+                                         _metadata(rollouts, score, advantages, model_info, input_sha256),
                                          rows_per_chunk))
+    if work is not None:
+        work.remove()
     summary = _summary(output_path, steps, columns["traj_reward"], arrays["step_entropy"])
     summary.seconds = time.perf_counter() - started
     if (rollouts.metadata or {}).get("fidelity") == "text" and score.entropy_source == "model":
         summary.warnings.append(TEXT_WARNING.format(path=input_path))
     if model_info:
-        summary.tokens_scored = int(arrays["n_response_tokens"].sum())
+        summary.resumed_steps = int(resumed.sum())
+        summary.tokens_scored = int(arrays["n_response_tokens"][~resumed].sum())
         summary.device, summary.dtype = model_info["device"], model_info["dtype"]
     return summary
 

@@ -1,0 +1,73 @@
+"""The Ray engine on a local two-CPU cluster gives the local engine's table; a worker's error is one error line."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import polars as pl
+import pytest
+
+from conftest import build_model, random_rollouts, write_rollouts
+from empg_cli.advantages import ADVANTAGE_COLUMNS
+from empg_cli.chunk import STEP_COLUMNS
+from empg_cli.cli import main
+from empg_cli.config import AdvantageConfig, ScoreConfig
+from empg_cli.pipeline import score_file
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """One local cluster for the module: the engine uses a Ray already initialised in the process."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_without_ray_the_ray_engine_is_one_error_saying_how_to_install_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    src = write_rollouts(tmp_path / "in.parquet", random_rollouts(np.random.default_rng(42), groups=1))
+    code = main(["score", str(src), "--model", str(tmp_path / "m"), "--engine", "ray"])
+    assert code == 2
+    assert capsys.readouterr().err == "error: --engine ray needs Ray: pip install 'empg[ray]'\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.parquet"]
+
+
+def test_ray_engine_gives_the_local_engines_table(tmp_path, cluster):
+    """Two workers, small chunks finishing in any order, one checkpoint per iteration, token-level lists."""
+    for it, seed in ((0, 30), (1, 31)):
+        build_model(tmp_path / f"ckpt/step_{it}", seed=seed)
+    src = write_rollouts(tmp_path / "in.parquet", random_rollouts(np.random.default_rng(40), groups=4))
+    cfg = ScoreConfig(model=str(tmp_path / "ckpt/step_{iteration}"), token_level=True)
+    local, distributed = tmp_path / "local.parquet", tmp_path / "ray.parquet"
+    score_file(src, local, cfg, AdvantageConfig(), chunk_tokens=60)
+    summary = score_file(src, distributed, cfg, AdvantageConfig(), engine="ray", workers=2, chunk_tokens=60)
+    a, b = pl.read_parquet(local), pl.read_parquet(distributed)
+    assert a.columns == b.columns and summary.tokens_scored == a["n_response_tokens"].sum()
+    assert a.select("group_id", "traj_id", "step", "iteration", "response_ids").equals(
+        b.select("group_id", "traj_id", "step", "iteration", "response_ids"))  # same rows in the same order
+    assert a["n_response_tokens"].equals(b["n_response_tokens"])
+    for name in STEP_COLUMNS[1:]:
+        np.testing.assert_allclose(b[name].to_numpy(), a[name].to_numpy(), atol=1e-5, rtol=0, err_msg=name)
+    for name in ADVANTAGE_COLUMNS:
+        np.testing.assert_allclose(b[name].to_numpy(), a[name].to_numpy(), atol=1e-6, rtol=0, err_msg=name)
+    for name in ("token_entropy", "token_logprob", "token_adv_empg"):
+        assert a[name].list.len().equals(b[name].list.len()), name
+        np.testing.assert_allclose(b[name].explode().to_numpy(), a[name].explode().to_numpy(), atol=1e-5,
+                                   err_msg=name)
+    assert not list(tmp_path.glob(".empg-*"))  # no work folder, lock or temp file left
+
+
+def test_a_worker_that_raises_is_one_error_line(tmp_path, capsys, cluster):
+    """A bad token id is found on a worker: the user sees the same one line as with the local engine."""
+    build_model(tmp_path / "m")
+    rows = random_rollouts(np.random.default_rng(41))
+    rows["response_ids"][3] = [7, 100_000]
+    src = write_rollouts(tmp_path / "in.parquet", rows)
+    code = main(["score", str(src), "--model", str(tmp_path / "m"), "--engine", "ray", "--workers", "2"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip().splitlines()[-1] == (f"error: {src}: column 'response_ids', row 3: token id 100000 is outside "
+                                            "the model's vocabulary (0..319)")
+    assert "Traceback" not in err and not (tmp_path / "in.scored.parquet").exists()
