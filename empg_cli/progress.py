@@ -2,7 +2,9 @@
 
 The library never prints: it calls a `Progress`. On a terminal the CLI draws a rich bar; otherwise (stderr sent to
 a file, a batch scheduler's log) it writes `ProgressLines`: at most one line every 10 s while work advances, at least
-one a minute even when a single batch takes longer, and a line for each note (loading a checkpoint).
+one a minute even when a single batch takes longer, and a line for each note (loading a checkpoint). Nothing is
+written in the first 10 s: a short run, or one that stops at once on bad input, leaves only its result or its one
+`error:` line; the lines held back come out together when the first progress line does.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ class ProgressLines:
         self.write, self.clock = write, clock
         self.total = self.done = self.resumed = self.tokens = 0
         self.started = self.last_line = None
+        self.held: list[str] | None = []
+        """Lines of the first MIN_INTERVAL_S, written with the first progress line; None once written."""
         self.lock = threading.Lock()
 
     def start(self, total_steps: int, done_steps: int) -> None:
@@ -48,7 +52,7 @@ class ProgressLines:
             self.resumed = done_steps
             self.started = self.last_line = self.clock()
             resumed = f", {done_steps:,} resumed from a previous run" if done_steps else ""
-            self.write(f"rescoring {total_steps:,} steps{resumed}")
+            self._write(f"rescoring {total_steps:,} steps{resumed}")
 
     def advance(self, steps: int, tokens: int) -> None:
         with self.lock:
@@ -62,13 +66,22 @@ class ProgressLines:
 
     def note(self, message: str) -> None:
         with self.lock:
-            self.write(message)
+            self._write(message)
+
+    def _write(self, line: str) -> None:
+        if self.held is None:
+            self.write(line)
+        else:
+            self.held.append(line)
 
     def _line(self, interval: float) -> None:
         now = self.clock()
         if self.started is None or now - self.last_line < interval:
             return
         self.last_line = now
+        for line in self.held or []:
+            self.write(line)
+        self.held = None
         elapsed = now - self.started
         rate = self.tokens / elapsed if elapsed > 0 else 0.0
         steps_done = self.done - self.resumed
