@@ -21,7 +21,7 @@ from . import __version__
 from .advantages import ADVANTAGE_COLUMNS, advantage_table
 from .chunk import STEP_COLUMNS, Source, row_costs
 from .config import AdvantageConfig, RunConfig, ScoreConfig, advantage_config_from, config_to_dict
-from .errors import BadUsage
+from .errors import BadUsage, EmpgError
 from .ingest.convert import TEXT_WARNING
 from .output import atomic_output, sidecar, write_parquet
 from .progress import Progress
@@ -217,8 +217,12 @@ def score_file(input_path: Path, output_path: Path, score: ScoreConfig, advantag
             # the work folder is ours while atomic_output holds the output's lock
             work = WorkFolder(sidecar(output_path, "work"), work_key(_settings(rollouts, score, refs, input_sha256)),
                               resume=run.resume)
-            results, model_info, resumed = _model_statistics(rollouts, score, refs, progress, work, run,
-                                                             rows_per_chunk)
+            try:
+                results, model_info, resumed = _model_statistics(rollouts, score, refs, progress, work, run,
+                                                                 rows_per_chunk)
+            except EmpgError:  # bad input or model: fixing it changes the key, so nothing here could be resumed
+                work.remove()
+                raise
             arrays = {c: results.column(c).to_numpy() for c in STEP_COLUMNS}
         steps = rollouts.steps.with_columns(step_entropy=pl.Series(arrays["step_entropy"]))
         columns = _step_columns(arrays)

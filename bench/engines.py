@@ -1,0 +1,154 @@
+"""Engines bench: the Ray engine with 1 and 2 single-thread CPU workers against the local engine on one thread, on
+the same case in one run, and the time a resumed run saves after a kill -9.
+
+    .venv/bin/python bench/engines.py           # writes the "Engines" section of bench/RESULTS.md (a few minutes)
+    .venv/bin/python bench/engines.py --quick   # a small case; prints the section only
+
+Throughput is response tokens per second of `score_file` end to end (read, plan, start the actors and load the
+policy in each, score, commit, advantages, write); the local Ray cluster itself is started once beforehand and its
+start-up is reported apart. Runs of one engine setting interleave with the others' (round robin, best of
+REPEATS), so load from other work hits them alike; the load average is recorded beside the figures. The GPU rows
+(workers = GPUs) are in `bench/run.py --gpu`, which calls `measure` below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from data import ModelSpec, build_model, multi_turn  # noqa: E402
+
+from empg_cli.config import AdvantageConfig, ScoreConfig  # noqa: E402
+from empg_cli.output import sidecar  # noqa: E402
+from empg_cli.pipeline import score_file  # noqa: E402
+
+BENCH = Path(__file__).resolve().parent
+SECTION = "## Engines"
+"""bench/RESULTS.md keeps this section (to the end of the file) when bench/run.py rewrites the rest."""
+REPEATS = 2
+MODEL = ModelSpec("engines-32k", vocab_size=32_000, hidden_size=256, num_layers=6, intermediate_size=768,
+                  num_heads=4, num_kv_heads=2, max_positions=8192)
+
+
+def case(work: Path, trajectories: int) -> tuple[Path, Path, int]:
+    """The scoring-32k model and prefix-chained multi-turn trajectories: (model folder, rollouts file, tokens)."""
+    model_dir = work / MODEL.name
+    model_dir.mkdir(exist_ok=True)
+    build_model(MODEL, model_dir)
+    rollouts = multi_turn(np.random.default_rng(7), MODEL.vocab_size, trajectories=trajectories, group_size=4,
+                          steps=(6, 10), first_prompt=(96, 192), response=(16, 64), observation=(48, 128))
+    return model_dir, rollouts.write(work / "engines.parquet"), rollouts.n_response_tokens
+
+
+def measure(src: Path, model_dir: Path, runs: dict[str, dict], device: str = "cpu",
+            repeats: int = REPEATS) -> dict[str, float]:
+    """Best wall seconds of score_file per named engine setting (keyword arguments of score_file), interleaved."""
+    best: dict[str, float] = {}
+    for r in range(repeats):
+        for name, options in runs.items():
+            started = time.perf_counter()
+            score_file(src, src.with_name(f"{src.stem}.{r}.scored.parquet"), ScoreConfig(model=str(model_dir),
+                       device=device), AdvantageConfig(), overwrite=True, resume=False, **options)
+            seconds = time.perf_counter() - started
+            best[name] = min(best.get(name, seconds), seconds)
+            print(f"    {name:<24} run {r + 1}/{repeats}: {seconds:8.2f} s", flush=True)
+    return best
+
+
+def resumed_saving(src: Path, model_dir: Path, full_s: float) -> dict[str, float]:
+    """Kill -9 a local run half-way through its expected time, rerun the same command: what the rerun took."""
+    out = src.with_name("killed.scored.parquet")
+    child = ("import sys, torch\ntorch.set_num_threads(1)\nfrom pathlib import Path\n"
+             "from empg_cli.config import AdvantageConfig, ScoreConfig\nfrom empg_cli.pipeline import score_file\n"
+             "score_file(Path(sys.argv[1]), Path(sys.argv[2]), ScoreConfig(model=sys.argv[3]), AdvantageConfig(),"
+             " overwrite=True, resume=False)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(BENCH.parent), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-c", child, str(src), str(out), str(model_dir)], env=env)
+    started = time.perf_counter()
+    time.sleep(full_s / 2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = time.perf_counter() - started
+    parts = len(list(sidecar(out, "work").glob("part-*.parquet")))
+    started = time.perf_counter()
+    summary = score_file(src, out, ScoreConfig(model=str(model_dir)), AdvantageConfig(), overwrite=True)
+    return {"killed_at": killed_at, "parts": parts, "rerun": time.perf_counter() - started,
+            "resumed": summary.resumed_steps, "steps": summary.rows}
+
+
+def section(info: dict, tokens: int, best: dict[str, float], resume: dict[str, float]) -> str:
+    local, one, two = best["local, 1 thread"], best["ray, 1 worker"], best["ray, 2 workers"]
+    scaling, overhead = one / two, one / local - 1
+    rate = lambda s: f"{tokens / s:,.0f} tok/s"  # noqa: E731
+    lines = [
+        SECTION, "",
+        f"Written by `bench/engines.py` on {info['when']}; {info['case']}. Load average before: {info['load_before']}, "
+        f"after: {info['load_after']} (the 2 cores are shared with other work: rerun on a quiet machine for clean "
+        f"figures). Local Ray cluster start-up, once, not counted below: {info['ray_start']:.1f} s.", "",
+        "| engine | seconds | throughput | ratio | target | result |", "|---|---|---|---|---|---|",
+        f"| local, 1 torch thread | {local:.1f} | {rate(local)} |  |  |  |",
+        f"| ray, 1 single-thread CPU worker | {one:.1f} | {rate(one)} | overhead {overhead:+.0%} vs local | "
+        f"<= +15% | {'PASS' if overhead <= 0.15 else 'FAIL'} |",
+        f"| ray, 2 single-thread CPU workers | {two:.1f} | {rate(two)} | {scaling:.2f}x one worker | >= 1.7x | "
+        f"{'PASS' if scaling >= 1.7 else 'FAIL'} |",
+        f"| local, killed (kill -9) at {resume['killed_at']:.1f} s, then rerun | {resume['rerun']:.1f} | | "
+        f"resumed {resume['resumed']:,} of {resume['steps']:,} steps ({resume['parts']} parts); the rerun took "
+        f"{resume['rerun'] / local:.0%} of an uninterrupted run |  |  |", "",
+        "Each Ray run starts its actors and loads the policy in each (a few seconds) inside the timed run: that is "
+        "the overhead on one worker. Rerun: `.venv/bin/python bench/engines.py`.", ""]
+    return "\n".join(lines)
+
+
+def write_section(text: str) -> Path:
+    """Replace (or append) the Engines section of bench/RESULTS.md."""
+    path = BENCH / "RESULTS.md"
+    current = path.read_text() if path.exists() else ""
+    kept = current.split(SECTION)[0].rstrip("\n")
+    path.write_text((kept + "\n\n" if kept else "") + text)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a small case; print the section, write nothing")
+    parser.add_argument("--trajectories", type=int, default=None, help="case size (default 96, quick 8)")
+    args = parser.parse_args()
+    import ray
+    torch.set_num_threads(1)  # the local engine on one thread, as each Ray worker
+    trajectories = args.trajectories or (8 if args.quick else 96)
+    info = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg())}
+    with tempfile.TemporaryDirectory(prefix="empg-engines-") as tmp:
+        model_dir, src, tokens = case(Path(tmp), trajectories)
+        info["case"] = (f"{trajectories} prefix-chained trajectories of 6-10 steps, {tokens:,} response tokens, "
+                        f"{MODEL.describe()}, float32 on the CPU, default chunk sizes")
+        started = time.perf_counter()
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        info["ray_start"] = time.perf_counter() - started
+        runs = {"local, 1 thread": {}, "ray, 1 worker": {"engine": "ray", "workers": 1},
+                "ray, 2 workers": {"engine": "ray", "workers": 2}}
+        best = measure(src, model_dir, runs, repeats=1 if args.quick else REPEATS)
+        ray.shutdown()
+        resume = resumed_saving(src, model_dir, best["local, 1 thread"])
+    info["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    text = section(info, tokens, best, resume)
+    print("\n" + text)
+    if not args.quick:
+        print(f"wrote {write_section(text)}")
+
+
+if __name__ == "__main__":
+    main()
