@@ -94,7 +94,7 @@ def _print_summary(summary) -> None:
     table.add_row("success rate", f"{summary.success_rate:.1%} (traj_reward > 0)")
     table.add_row("mean step entropy", f"{summary.mean_step_entropy:.4f} nats")
     if summary.resumed_steps:
-        table.add_row("resumed", f"{summary.resumed_steps:,} steps (committed by an earlier run)")
+        table.add_row("resumed", f"{summary.resumed_steps:,} steps")
     if summary.tokens_scored or summary.resumed_steps:
         table.add_row("rescored", f"{summary.tokens_scored:,} response tokens in {summary.seconds:.1f} s "
                                   f"on {summary.device} ({summary.dtype})")
