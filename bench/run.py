@@ -127,8 +127,8 @@ def run_empg(src: Path, dst: Path, model_dir: Path, device: str = "cpu", dtype: 
     score_file(src, dst, ScoreConfig(model=str(model_dir), device=device, dtype=dtype, batch_tokens=batch_tokens),
                AdvantageConfig(), overwrite=True, progress=progress, **options)
     ended = time.perf_counter()
-    return {"read+validate": marks["loading"] - started, "load model": marks["rescoring"] - marks["loading"],
-            "tokens+plan+score_units": marks["scored"] - marks["rescoring"],
+    return {"read+validate": marks["loading"] - started, "load model": marks["loaded"] - marks["loading"],
+            "tokens+plan+score_units": marks["scored"] - marks["loaded"],
             "statistics+advantages+write": ended - marks["scored"]}
 
 

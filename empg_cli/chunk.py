@@ -154,8 +154,9 @@ class Checkpoints:
             self.current = None  # free the previous weights before loading the next
             self.current = load_policy(ref, device=self.device, dtype=self.dtype, allow_pickle=self.cfg.allow_pickle,
                                        trust_remote_code=self.cfg.trust_remote_code)
-            self.load_seconds += time.perf_counter() - started
-            self.note("rescoring")
+            seconds = time.perf_counter() - started
+            self.load_seconds += seconds
+            self.note(f"loaded {ref} in {seconds:.1f} s")
         return self.current
 
 

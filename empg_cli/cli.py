@@ -190,8 +190,11 @@ def _token_progress():
     def advance(steps: int, tokens: int) -> None:
         bar.update(task, advance=steps, tokens=bar.tasks[0].fields["tokens"] + tokens)
 
+    def note(message: str) -> None:  # the bar shows what is being loaded, then "rescoring"
+        bar.update(task, description="rescoring" if message.startswith("loaded ") else message)
+
     try:
-        yield Progress(start=start, advance=advance, note=lambda message: bar.update(task, description=message))
+        yield Progress(start=start, advance=advance, note=note)
     finally:
         if bar.live.is_started:
             bar.stop()
