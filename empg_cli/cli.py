@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Iterator, Literal, Optional
 
@@ -60,7 +60,8 @@ def _reported(debug: bool) -> Iterator[None]:
     except typer.Exit:
         raise
     except KeyboardInterrupt as exc:
-        typer.echo("interrupted", err=True)
+        with suppress(OSError):  # after SIGHUP the terminal may be gone
+            typer.echo("interrupted", err=True)
         raise typer.Exit(128 + getattr(exc, "signum", signal.SIGINT)) from None
     except EmpgError as exc:
         if debug:
