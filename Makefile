@@ -8,7 +8,7 @@ TORCH   ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test install bench bench-gpu docs sample clean
+.PHONY: demo test install bench bench-gpu bench-verl docs sample clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,21 @@ bench: $(STAMP)
 
 bench-gpu: $(STAMP)
 	$(BIN)/python bench/run.py --gpu
+
+# verl is never a dependency of empg: bench/.venv-verl (ignored) holds verl and the few packages its core_algos
+# imports, and sees this project's environment (torch, polars, empg) through a .pth file.
+VERL_VENV := bench/.venv-verl
+VERL_PKGS := verl==0.9.1 tensordict==0.15.3 pyvers==0.2.3 cloudpickle==3.1.3 omegaconf==2.4.0 codetiming==1.4.0 \
+             orjson==3.13.0
+$(VERL_VENV)/.installed: $(STAMP)
+	$(BIN)/python -m venv $(VERL_VENV)
+	$(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > \
+	    "$$($(VERL_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/empg-project.pth"
+	$(VERL_VENV)/bin/pip install -q --no-deps $(VERL_PKGS)
+	touch $@
+
+bench-verl: $(VERL_VENV)/.installed
+	POLARS_MAX_THREADS=2 $(VERL_VENV)/bin/python bench/verl_grpo.py
 
 sample: $(STAMP)
 	$(BIN)/python examples/make_sample.py --seed 0 --out sample_data

@@ -638,8 +638,16 @@ def main() -> None:
     print()
     print(table(rows))
     print(f"\nbench took {elapsed / 60:.1f} min")
-    target.write_text(report(rows, info, details, counts, elapsed))
+    target.write_text(report(rows, info, details, counts, elapsed) + verl_section(target))
     print(f"wrote {target}")
+
+
+def verl_section(path: Path) -> str:
+    """The section `make bench-verl` (bench/verl_grpo.py) wrote into RESULTS.md, kept as it is: this run does not
+    measure it."""
+    text = path.read_text() if path.exists() else ""
+    start, end = text.find("<!-- verl:start -->"), text.find("<!-- verl:end -->")
+    return "\n" + text[start:end + len("<!-- verl:end -->")] + "\n" if 0 <= start < end else ""
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
 import empg_cli as empg
@@ -212,3 +214,27 @@ def test_audit_of_a_frame_equals_audit_of_its_file(tmp_path, capsys):
     report = empg.audit(advantages_only)
     assert [i["passed"] for i in report["invariants"]] == [True, True, True]
     assert report["model_statistics"] is False
+
+
+@settings(max_examples=150, deadline=None)
+@given(steps=st.lists(st.tuples(st.sampled_from("ab"), st.sampled_from("xy"), st.integers(-1, 3),
+                                st.sampled_from([0.0, 1.0, None, math.nan, math.inf])), min_size=1, max_size=12),
+       reward_agg=st.sampled_from(["equal", "sum"]), column=st.booleans())
+def test_the_one_group_by_check_agrees_with_the_detailed_checks(steps, reward_agg, column) -> None:
+    """Valid keys skip the detailed checks (validation._all_trajectories_valid); it must accept exactly what they
+    accept, or a bad file would pass, or a good one be refused."""
+    from empg_cli import validation
+    frame = pl.DataFrame({"group_id": [g for g, _, _, _ in steps], "traj_id": [t for _, t, _, _ in steps],
+                          "step": [s for _, _, s, _ in steps], "reward": [r for _, _, _, r in steps]},
+                         schema={"group_id": pl.String, "traj_id": pl.String, "step": pl.Int64, "reward": pl.Float64})
+    frame = frame.with_columns(advantage=pl.col("reward"))
+    keys = validation.key_frame(frame.to_arrow(), "frame", ())
+    values = {"reward": reward_agg, **({"advantage": None} if column else {})}
+    try:
+        validation.check_steps(keys, "frame")
+        for name, agg in values.items():
+            validation.check_value_per_trajectory(keys, "frame", name, agg)
+        detailed = True
+    except empg.BadInput:
+        detailed = False
+    assert validation._all_trajectories_valid(keys, values) == detailed
