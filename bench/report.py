@@ -28,7 +28,7 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from data import build_tokenizer  # noqa: E402
 
-from empg_cli.advantages import compute_advantages  # noqa: E402
+import empg_cli as empg  # noqa: E402
 from empg_cli.config import AdvantageConfig, ScoreConfig, config_to_dict  # noqa: E402
 from empg_cli.pipeline import score_file  # noqa: E402
 from empg_cli.report import write_report  # noqa: E402
@@ -56,7 +56,7 @@ def synthetic(path: Path, steps: int, seed: int = 0) -> Path:
              "step_grad_norm_sq": 1 - np.exp(-frame["step_entropy"] * 0.7), "step_grad_norm_sq_expected":
              1 - np.exp(-frame["step_entropy"] * 0.7)}
     frame = frame.with_columns(n_response_tokens=pl.Series(lengths, dtype=pl.Int32), **model)
-    scored = pl.concat([frame, compute_advantages(frame, AdvantageConfig())], how="horizontal")
+    scored = empg.compute_advantages(frame)
     build_tokenizer(path.parent / "tokenizer")
     table = scored.to_arrow().cast(scored.to_arrow().schema.set(
         scored.columns.index("response_ids"), pa.field("response_ids", pa.list_(pa.int32()))))
