@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 from test_dynamics import scored_steps, write_scored
 
@@ -191,6 +192,16 @@ def test_token_level_entropies_colour_each_decoded_token(token_scored: Path, tok
         for i, before, row in zip(document_trajectory(document, t)[1:], rows, rows[1:]):  # chained: the observation
             new = row["prompt_ids"][len(before["prompt_ids"]) + len(before["response_ids"]):]
             assert steps["input"][i] == tokenizer.decode(new, skip_special_tokens=False)
+
+
+def test_without_the_checkpoints_tokenizer_steps_are_coloured_whole_and_say_why(token_scored: Path,
+                                                                                  tmp_path: Path) -> None:
+    table = pq.read_table(token_scored)
+    moved = tmp_path / "moved.parquet"
+    pq.write_table(table.replace_schema_metadata({}), moved)  # no model recorded: no tokenizer to find
+    document = report_document(moved)
+    assert document["scale"]["level"] == "no-tokenizer"
+    assert document["tokens"]["piece"] == [] and set(document["steps"]["text"]) == {None}
 
 
 def test_new_input_is_what_a_chained_prompt_adds() -> None:

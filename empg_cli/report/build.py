@@ -169,6 +169,14 @@ def _scale_max(tokens: dict[str, Any], steps: pl.DataFrame) -> float:
     return float(f"{top:.2g}") if top and top > 0 else 1.0
 
 
+def _colour_level(tokens: dict[str, Any], extra: dict[str, list]) -> str:
+    """`token` when tokens are coloured; else why not: `no-tokenizer` (token entropies, but no tokenizer found to
+    split the response into tokens) or `step` (no token entropies in the file)."""
+    if any(tokens["has_tokens"]):
+        return "token"
+    return "no-tokenizer" if any(e is not None for e in extra.get("token_entropy") or []) else "step"
+
+
 def report_document(path: Path, top: int = TOP) -> dict[str, Any]:
     """The page's data: audit (as `empg audit` computes it), figures, trajectories, steps and tokens."""
     frame = dynamics.load_scored([path])
@@ -200,7 +208,7 @@ def report_document(path: Path, top: int = TOP) -> dict[str, Any]:
         "sources": sources,
         "quadrants": [*QUADRANTS, MIDDLE],
         "scale": {"colours": SCALE, "max": _scale_max(tokens, steps),
-                  "level": "token" if any(tokens["has_tokens"]) else "step"},
+                  "level": _colour_level(tokens, extra)},
         "trajectories": {
             "source": trajectories["source"].to_physical().to_list(),
             "iteration": trajectories["iteration"].to_list(),

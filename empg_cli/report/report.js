@@ -72,9 +72,12 @@
     const ticks = el("div", {class: "legend-ticks"},
       [0, 0.25, 0.5, 0.75, 1].map((f) => el("span", {}, parseFloat((f * D.scale.max).toPrecision(2))
                                                           + (f === 1 ? "+" : ""))));
-    const what = D.scale.level === "token"
-      ? "token entropy (nats): each response token is coloured by its own entropy"
-      : "step entropy H_t (nats): the file has no token-level entropies, so each step is coloured as a whole";
+    const what = {
+      token: "token entropy (nats): each response token is coloured by its own entropy",
+      step: "step entropy H_t (nats): the file has no token-level entropies, so each step is coloured as a whole",
+      "no-tokenizer": "step entropy H_t (nats): the file has token entropies, but the tokenizer of the checkpoint "
+        + "named in its metadata was not found (looked up from the current folder and the file's folder), so each "
+        + "step is coloured as a whole"}[D.scale.level];
     return el("div", {class: "legend", id: "legend"}, el("div", {class: "legend-title"}, what), bar, ticks);
   }
 
