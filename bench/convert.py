@@ -66,7 +66,8 @@ def build_prime(root: Path, steps: int) -> tuple[Path, list[str]]:
                       "mask": [False] * 64}]
             for t in range(TURNS):
                 if t:
-                    nodes.append({"parent": len(nodes) - 1, "sampled": False, "token_ids": [7] * 16, "mask": [False] * 16})
+                    nodes.append({"parent": len(nodes) - 1, "sampled": False, "token_ids": [7] * 16,
+                                  "mask": [False] * 16})
                 nodes.append({"parent": len(nodes) - 1, "sampled": True, "token_ids": [9] * 24, "mask": [True] * 24,
                               "logprobs": [-0.5] * 24, "advantages": [0.1] * 24})
             episodes.append(prime_episode(f"e{e}", f"g{e // N}", f, [{"nodes": nodes, "rewards": {
@@ -83,11 +84,13 @@ def build_art(root: Path, steps: int) -> tuple[Path, list[str]]:
     n = steps // TURNS // FILES
     messages = [{"role": "system", "content": PROMPT, "tool_calls": None, "tool_call_id": None, "trainable": None}]
     for _ in range(TURNS):
-        messages += [{"role": "user", "content": PROMPT[:100], "tool_calls": None, "tool_call_id": None, "trainable": None},
+        messages += [{"role": "user", "content": PROMPT[:100], "tool_calls": None, "tool_call_id": None,
+                      "trainable": None},
                      {"role": "assistant", "content": RESPONSE, "tool_calls": None, "tool_call_id": None,
                       "trainable": True}]
     for f in range(FILES):
-        pq.write_table(pa.table({"group_index": pa.array(np.arange(n) // N), "trajectory_index": pa.array(np.arange(n) % N),
+        pq.write_table(pa.table({"group_index": pa.array(np.arange(n) // N),
+                                 "trajectory_index": pa.array(np.arange(n) % N),
                                  "reward": pa.array(np.arange(n) % 2 * 1.0),
                                  "messages": pa.array([messages] * n, pa.list_(message))}), folder / f"{f:04d}.parquet")
     return root / "art", []

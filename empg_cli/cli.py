@@ -272,6 +272,7 @@ def report(
         typer.echo(f"wrote {write_report(input, output, overwrite=overwrite, top=top)}")
 
 
+SourceFormat = Literal["verl", "trl", "prime-rl", "art", "rllm", "areal", "jsonl", "parquet", "csv"]
 FIDELITY_NOTES = {"ids": "exact token ids", "messages": "chat messages, re-rendered with the chat template",
                   "text": "decoded text, re-tokenised: entropies approximate"}
 
@@ -280,8 +281,8 @@ FIDELITY_NOTES = {"ids": "exact token ids", "messages": "chat messages, re-rende
                                "(then: empg score runs.parquet --model ...)")
 def convert_command(
     sources: list[Path] = typer.Argument(..., help="The files, or the folder, the trainer wrote."),
-    from_: Optional[Literal["verl", "trl", "prime-rl", "art", "rllm", "areal", "jsonl", "parquet", "csv"]] = typer.Option(
-        None, "--from", help="The trainer or table format (default: detected from the layout and fields)."),
+    from_: Optional[SourceFormat] = typer.Option(None, "--from", help="The trainer or table format (default: detected "
+                                                                     "from the layout and fields)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output",
                                           help="Rollouts Parquet (default: SOURCE.rollouts.parquet beside it)."),
     run: str = typer.Option("default", "--run", help="The run name written on every row."),

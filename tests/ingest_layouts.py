@@ -21,7 +21,8 @@ def write_verl(root: Path, step: int, rows: list[dict]) -> Path:
     return path
 
 
-def verl_rows(rng: np.random.Generator, step: int, prompts: int, n: int, v1: bool = False, turns: int = 1) -> list[dict]:
+def verl_rows(rng: np.random.Generator, step: int, prompts: int, n: int, v1: bool = False,
+              turns: int = 1) -> list[dict]:
     """A GRPO batch as verl dumps it: `n` samples per prompt; the legacy dump is in balanced-batch (shuffled) order,
     the V1 one carries uid = {uid}_{session}_{index}."""
     rows = []

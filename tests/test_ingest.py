@@ -220,7 +220,8 @@ def test_broken_sources_one_error_line_exit_2_no_output(tmp_path, capsys, case):
         args, expect = [path], f"{path}: line 2 has a node with 2 token_ids and 1 mask entries"
     elif case == "trl_rows":
         path = write_trl(tmp_path / "o", 1, prompts=2, n=5, rng=np.random.default_rng(0))
-        args, expect = [tmp_path / "o", "--group-size", 4], f"{path}: row 8: has 10 rows, not a multiple of --group-size 4"
+        args = [tmp_path / "o", "--group-size", 4]
+        expect = f"{path}: row 8: has 10 rows, not a multiple of --group-size 4"
     else:
         path = write_areal(tmp_path / "r", 1, 3, [{"reward": 1.0, "prompt": "p", "completion": "c"},
                                                     {"prompt": "p", "completion": "c"}])

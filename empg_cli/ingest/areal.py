@@ -1,4 +1,4 @@
-"""AReaL's rollout dump (`rollout.dump_to_file=true`): `LOG_PATH/rollout/{version}/{task_id}.jsonl`, one line per sample.
+"""AReaL's rollout dump (`rollout.dump_to_file=true`): `LOG_PATH/rollout/{version}/{task_id}.jsonl`, a line a sample.
 
 AReaL's `WorkflowExecutor._dump_trajectory` appends, per sample, `task_id`, `sample_idx`, `seqlen`, `prompt_len`,
 `head_version`, `tail_version`, `reward`, `prompt` and `completion` (decoded with `skip_special_tokens=False`) to

@@ -86,16 +86,19 @@ def verl_agent_loop_table(*, iteration: int, prompts, responses, attention_mask,
     """One row per model turn of each multi-turn row: a turn is a contiguous run of response_mask == 1; its prompt
     is the row's prompt and every response token before the run (earlier turns and tool output)."""
     prompt_ids, response_ids, kept = _unpadded(prompts, responses, attention_mask)
-    model = _numpy(response_mask).astype(bool)
+    model, rewards = _numpy(response_mask).astype(bool), _numpy(rewards)
     trajs = _index_within(uids)
     rows: dict[str, list] = defaultdict(list)
     for b, (prompt, response) in enumerate(zip(prompt_ids, response_ids)):
         turn = model[b][kept[b]].astype(np.int8)  # over the row's real response tokens
         edges = np.diff(np.concatenate([[0], turn, [0]]))
         for step, (start, end) in enumerate(zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1))):
-            for key, value in (("group", uids[b]), ("traj", trajs[b]), ("step", step), ("reward", _numpy(rewards)[b]),
-                               ("prompt", np.concatenate([prompt, response[:start]])), ("response", response[start:end])):
-                rows[key].append(value)
+            rows["group"].append(uids[b])
+            rows["traj"].append(trajs[b])
+            rows["step"].append(step)
+            rows["reward"].append(rewards[b])
+            rows["prompt"].append(np.concatenate([prompt, response[:start]]))
+            rows["response"].append(response[start:end])
     return _table(run, iteration, rows["group"], rows["traj"], rows["step"], rows["prompt"], rows["response"],
                   rows["reward"])
 

@@ -163,7 +163,7 @@ ROLLOUT_TYPES = {"run": pl.String, "iteration": pl.Int64, "group_id": pl.String,
 
 
 def rollouts_frame(columns: dict[str, Any], extra: pl.DataFrame | None, run: str) -> pl.DataFrame:
-    """The rollouts columns (typed, in schema order, `run` filled unless given) followed by the carried source fields."""
+    """The rollouts columns (typed, in schema order, `run` filled unless given), then the carried source fields."""
     frame = pl.DataFrame(columns)
     if "run" not in frame.columns:
         frame = frame.with_columns(run=pl.lit(run, pl.String))
