@@ -261,3 +261,10 @@ def test_scoring_a_text_conversion_warns_once_that_entropies_are_approximate(tmp
     assert err.count("warning:") == 1 and "approximate" in err and "v.parquet" in err
     scored = tmp_path / "v.scored.parquet"
     assert metadata(scored)["fidelity"] == "text" and metadata(scored)["source"]["format"] == "verl"
+
+
+def test_detection_looks_past_other_logs_beside_the_dump(tmp_path):
+    (tmp_path / "log").mkdir()
+    (tmp_path / "log" / "stats.jsonl").write_text('{"step": 1, "loss": 0.5}\n')   # the trainer's metrics
+    write_areal(tmp_path / "log", 1, 3, [{"reward": 1.0, "prompt": "p", "completion": "c"}])
+    assert convert_file(tmp_path / "log", tmp_path / "out.parquet").format == "areal"

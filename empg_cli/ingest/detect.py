@@ -34,6 +34,16 @@ def _fields(path: Path) -> list[str]:
     return []
 
 
+def _first_per_folder(files, limit: int = 20) -> list[Path]:
+    """The first file of each folder (a trainer writes one kind of file per folder), at most `limit` of them."""
+    firsts: dict[Path, Path] = {}
+    for f in files:
+        firsts.setdefault(f.parent, f)
+        if len(firsts) == limit:
+            break
+    return list(firsts.values())
+
+
 def _choices() -> str:
     return "; ".join(f"{name} ({layout})" for name, layout in TRAINERS.items()) + \
         "; or a generic table: --from jsonl|parquet|csv with --map COLUMN=SOURCE_FIELD"
@@ -43,26 +53,27 @@ def detect(sources: Sequence[Path], mapped: bool = False) -> str:
     """The format of the sources; an unknown or ambiguous layout is a BadUsage listing the formats."""
     files = [f for f in layout_files(sources, "*") if f.is_file()]
     names = [f.name for f in files]
-    jsonl = next((f for f in files if f.suffix == ".jsonl" and f.name != prime_rl.PATTERN), None)
-    parquet = next((f for f in files if f.suffix == ".parquet"), None)
     if mapped:
         kinds = [f.suffix.lstrip(".") for f in files if f.suffix.lstrip(".") in TABLES]
         if kinds:
             return kinds[0]
-    jsonl_fields, parquet_fields = _fields(jsonl) if jsonl else [], _fields(parquet) if parquet else []
+    jsonl = _first_per_folder(f for f in files if f.suffix == ".jsonl" and f.name != prime_rl.PATTERN)
+    parquet = _first_per_folder(f for f in files if f.suffix == ".parquet")
+    jsonl_fields, parquet_fields = [set(_fields(f)) for f in jsonl], [set(_fields(f)) for f in parquet]
+    trl_names = any(fnmatch(n, trl.PATTERN) for n in names)
     found = [name for name, hit in (
-        ("verl", set(verl.FIELDS) <= set(jsonl_fields)),
-        ("trl", any(fnmatch(n, trl.PATTERN) for n in names)),
+        ("verl", any(set(verl.FIELDS) <= fields for fields in jsonl_fields)),
+        ("trl", trl_names),
         ("prime-rl", prime_rl.PATTERN in names),
-        ("art", set(art.FIELDS) <= set(parquet_fields) and not any(fnmatch(n, trl.PATTERN) for n in names)),
+        ("art", any(set(art.FIELDS) <= fields for fields in parquet_fields) and not trl_names),
         ("rllm", any(fnmatch(n, rllm.PATTERN) for n in names)),
-        ("areal", set(areal.FIELDS) <= set(jsonl_fields)),
+        ("areal", any(set(areal.FIELDS) <= fields for fields in jsonl_fields)),
     ) if hit]
     if len(found) == 1:
         return found[0]
     seen = ", ".join(sorted({f.suffix or f.name for f in files})[:6]) or "no files"
-    what = "; ".join(f"{f.name} has fields {', '.join(fields[:8]) or '(none readable)'}"
-                     for f, fields in ((jsonl, jsonl_fields), (parquet, parquet_fields)) if f is not None)
+    what = "; ".join(f"{f.name} has fields {', '.join(_fields(f)[:8]) or '(none readable)'}"
+                     for f in (jsonl[:1] + parquet[:1]))
     where = ", ".join(map(str, sources))
     if found:
         raise BadUsage(f"{where} could be {' or '.join(found)}: pass --from. Formats: {_choices()}")
