@@ -33,7 +33,8 @@ from empg_cli.ingest import convert_file  # noqa: E402
 from ingest_layouts import prime_episode, write_prime  # noqa: E402
 
 PROMPT, RESPONSE, N, TURNS, FILES = "x" * 300, "y" * 120, 8, 4, 10
-MARK = "<!-- bench/convert.py -->"
+START, END = "<!-- convert:start -->", "<!-- convert:end -->"
+"""The section of bench/RESULTS.md this script owns; the rest of the file is left as it is."""
 
 
 def build_verl(root: Path, steps: int) -> tuple[Path, list[str]]:
@@ -155,7 +156,7 @@ def main() -> None:
             command, command_cpu = time.perf_counter() - started, _children_cpu() - cpu
             rows.append((name, summary.rows, summary.fidelity, library, command, command_cpu))
     load_end = os.getloadavg()
-    lines = [MARK, "## empg convert (bench/convert.py)", "",
+    lines = ["## empg convert (bench/convert.py)", "",
              f"Each layout built at {steps:,} steps, converted once by `convert_file` (library) and once by "
              "`empg convert` in a fresh process (imports included). Target: under 2 s per 100k steps. The 2 cores "
              "were shared with other engineers' builds and tests while this ran: load average "
@@ -174,8 +175,12 @@ def main() -> None:
     if not args.quick:
         results = ROOT / "bench" / "RESULTS.md"
         text = results.read_text()
-        text = text[:text.index(MARK)].rstrip() + "\n" if MARK in text else text.rstrip() + "\n"
-        results.write_text(text + "\n" + report)
+        section = f"{START}\n{report}{END}\n"
+        if START in text and END in text:
+            text = text[:text.index(START)] + section + text[text.index(END) + len(END):].lstrip("\n")
+        else:
+            text = text.rstrip() + "\n\n" + section
+        results.write_text(text)
 
 
 if __name__ == "__main__":
