@@ -30,6 +30,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/convert.py
 
 bench-gpu: $(STAMP)
 	$(BIN)/python bench/run.py --gpu
