@@ -178,7 +178,8 @@ def main() -> None:
         text = results.read_text()
         section = f"{START}\n{report}{END}\n"
         if START in text and END in text:
-            text = text[:text.index(START)] + section + text[text.index(END) + len(END):].lstrip("\n")
+            rest = text[text.index(END) + len(END):].lstrip("\n")
+            text = text[:text.index(START)] + section + ("\n" + rest if rest else "")
         else:
             text = text.rstrip() + "\n\n" + section
         results.write_text(text)
