@@ -93,7 +93,7 @@ def _codes(steps: pl.DataFrame, columns: list[str]) -> np.ndarray:
     return codes - codes.min(axis=0) if len(codes) else codes
 
 
-def _trajectory_structure(steps: pl.DataFrame, batch: list[str]) -> pl.DataFrame:
+def trajectory_structure(steps: pl.DataFrame, batch: list[str]) -> pl.DataFrame:
     """Integer trajectory, group and batch ids and the row of each step's successor, in the frame's row order.
 
     One argsort by (trajectory keys, step), on a single mixed-radix integer when it fits in 62 bits: sorting
@@ -130,13 +130,16 @@ def _trajectory_structure(steps: pl.DataFrame, batch: list[str]) -> pl.DataFrame
     return pl.DataFrame(columns).with_columns(steps.select(pl.struct(batch).rank("dense").alias(BATCH)))
 
 
-def advantage_table(steps: pl.DataFrame, cfg: AdvantageConfig) -> pl.DataFrame:
+def advantage_table(steps: pl.DataFrame, cfg: AdvantageConfig, structure: pl.DataFrame | None = None) -> pl.DataFrame:
     """ADVANTAGE_COLUMNS for a step frame, in the frame's row order.
 
     `steps` has the trajectory keys, `step`, `reward`, `step_entropy`, the batch-key columns and, for
-    `--estimator column`, `advantage`, validated beforehand (validation.check_keys).
+    `--estimator column`, `advantage`, validated beforehand (validation.check_keys). `structure` is
+    trajectory_structure(steps, batch key) when the caller has it already (validation.checked_steps computes it).
     """
-    frame = (pl.concat([steps, _trajectory_structure(steps, list(cfg.batch_key))], how="horizontal")
+    if structure is None:
+        structure = trajectory_structure(steps, list(cfg.batch_key))
+    frame = (pl.concat([steps, structure], how="horizontal")
              .with_columns(trajectory_reward(cfg.reward_agg))
              .with_columns(base_advantage(cfg.estimator)))
     for stage in empg_stages(cfg) + aem_stages(cfg):

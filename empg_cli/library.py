@@ -19,7 +19,7 @@ from .advantages import advantage_table
 from .config import AdvantageConfig, ScoreConfig, advantage_config_from
 from .errors import BadInput, BadUsage, EmpgError
 from .schema import TRAJ_KEYS, check_column_types, check_key_columns
-from .validation import check_keys, check_step_entropy
+from .validation import check_step_entropy, checked_steps
 
 FRAME = "frame"
 """How error messages name an in-memory frame (where they would name a file)."""
@@ -48,8 +48,8 @@ def compute_advantages(frame: pl.DataFrame, *, estimator: str = "grpo", reward_a
     check_key_columns(frame.columns, FRAME)
     entropy = _step_entropy(frame)
     keys = [c for c in dict.fromkeys((*TRAJ_KEYS, "step", "reward", *cfg.batch_key, "advantage")) if c in frame.columns]
-    steps = check_keys(frame.select(keys).to_arrow(), FRAME, cfg)
-    advantages = advantage_table(steps.with_columns(entropy), cfg)
+    steps, structure = checked_steps(frame.select(keys).to_arrow(), FRAME, cfg)
+    advantages = advantage_table(steps.with_columns(entropy), cfg, structure)
     computed = [] if "step_entropy" in frame.columns else [entropy]
     return frame.with_columns(*computed, *advantages)
 

@@ -13,6 +13,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from .advantages import TRAJ as TRAJECTORY, trajectory_structure
 from .config import AdvantageConfig
 from .errors import BadInput, BadUsage
 from .schema import TRAJ_KEYS
@@ -99,6 +100,13 @@ def check_keys(table: pa.Table, path: Path | str, advantages: AdvantageConfig) -
     """The key frame of a rollouts table, checked for what the advantages need: the batch-key and (for
     `--estimator column`) `advantage` columns present, ids set, steps 0..T-1, one reward (and advantage) per
     trajectory. `table` holds the key columns (extra columns are ignored)."""
+    return checked_steps(table, path, advantages)[0]
+
+
+def checked_steps(table: pa.Table, path: Path | str, advantages: AdvantageConfig,
+                  ) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """check_keys' frame and the trajectory structure its check computed (advantages.trajectory_structure), which
+    advantages.advantage_table can reuse."""
     for key in advantages.batch_key:
         if key not in table.column_names and key not in ("run", "iteration"):
             raise BadUsage(f"--batch-key column '{key}' is not in {path}")
@@ -106,18 +114,19 @@ def check_keys(table: pa.Table, path: Path | str, advantages: AdvantageConfig) -
         raise BadInput(path, "--estimator column needs the column 'advantage'")
     extra = tuple(dict.fromkeys(k for k in advantages.batch_key if k not in TRAJ_KEYS and k != "step"))
     frame = key_frame(table, path, extra)
+    structure = trajectory_structure(frame, list(advantages.batch_key))
     values = {"reward": advantages.reward_agg, **({"advantage": None} if advantages.estimator == "column" else {})}
-    if not _all_trajectories_valid(frame, values):  # the detailed checks name the first offending row
-        check_steps(frame, path)
+    if not _all_trajectories_valid(frame.with_columns(structure[TRAJECTORY]), values):
+        check_steps(frame, path)  # the detailed checks name the first offending row
         for column, agg in values.items():
             check_value_per_trajectory(frame, path, column, agg)
-    return frame
+    return frame, structure
 
 
 def _all_trajectories_valid(frame: pl.DataFrame, values: dict[str, str | None]) -> bool:
-    """Whether check_steps and check_value_per_trajectory would both pass, from one group-by (a fraction of their
-    cost on valid data): T distinct steps from 0 to T-1; finite values, at least one per trajectory, equal unless
-    summed (`values` maps each column to its reward_agg)."""
+    """Whether check_steps and check_value_per_trajectory would both pass, from one group-by on the integer
+    trajectory id (a fraction of their cost on valid data): T distinct steps from 0 to T-1; finite values, at least
+    one per trajectory, equal unless summed (`values` maps each column to its reward_agg)."""
     step = pl.col("step")
     checks = [step.min() == 0, step.max() == pl.len() - 1, step.n_unique() == pl.len()]
     for column, agg in values.items():
@@ -125,7 +134,7 @@ def _all_trajectories_valid(frame: pl.DataFrame, values: dict[str, str | None]) 
         if agg != "sum":
             checks.append(pl.col(column).min() == pl.col(column).max())
     finite = pl.all_horizontal((pl.col(c).is_finite() | pl.col(c).is_null()).all() for c in values)
-    per_trajectory = frame.group_by(TRAJ_KEYS).agg(pl.all_horizontal(checks).alias("ok"))
+    per_trajectory = frame.group_by(TRAJECTORY).agg(pl.all_horizontal(checks).alias("ok"))
     return bool(frame.select(finite).item()) and bool(per_trajectory["ok"].all())
 
 

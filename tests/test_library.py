@@ -224,11 +224,13 @@ def test_the_one_group_by_check_agrees_with_the_detailed_checks(steps, reward_ag
     """Valid keys skip the detailed checks (validation._all_trajectories_valid); it must accept exactly what they
     accept, or a bad file would pass, or a good one be refused."""
     from empg_cli import validation
+    from empg_cli.advantages import TRAJ, trajectory_structure
     frame = pl.DataFrame({"group_id": [g for g, _, _, _ in steps], "traj_id": [t for _, t, _, _ in steps],
                           "step": [s for _, _, s, _ in steps], "reward": [r for _, _, _, r in steps]},
                          schema={"group_id": pl.String, "traj_id": pl.String, "step": pl.Int64, "reward": pl.Float64})
     frame = frame.with_columns(advantage=pl.col("reward"))
     keys = validation.key_frame(frame.to_arrow(), "frame", ())
+    ids = trajectory_structure(keys, ["run", "iteration"])[TRAJ]
     values = {"reward": reward_agg, **({"advantage": None} if column else {})}
     try:
         validation.check_steps(keys, "frame")
@@ -237,4 +239,4 @@ def test_the_one_group_by_check_agrees_with_the_detailed_checks(steps, reward_ag
         detailed = True
     except empg.BadInput:
         detailed = False
-    assert validation._all_trajectories_valid(keys, values) == detailed
+    assert validation._all_trajectories_valid(keys.with_columns(ids), values) == detailed
