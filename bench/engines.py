@@ -36,8 +36,8 @@ from empg_cli.output import sidecar  # noqa: E402
 from empg_cli.pipeline import score_file  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
-SECTION = "## Engines"
-"""bench/RESULTS.md keeps this section (to the end of the file) when bench/run.py rewrites the rest."""
+START, END = "<!-- engines:start -->", "<!-- engines:end -->"
+"""The section's markers in bench/RESULTS.md: bench/run.py keeps what lies between them when it rewrites the rest."""
 REPEATS = 2
 MODEL = ModelSpec("engines-32k", vocab_size=32_000, hidden_size=256, num_layers=6, intermediate_size=768,
                   num_heads=4, num_kv_heads=2, max_positions=8192)
@@ -94,7 +94,7 @@ def section(info: dict, tokens: int, best: dict[str, float], resume: dict[str, f
     scaling, overhead = one / two, one / local - 1
     rate = lambda s: f"{tokens / s:,.0f} tok/s"  # noqa: E731
     lines = [
-        SECTION, "",
+        START, "## Engines: Ray workers and resume (bench/engines.py)", "",
         f"Written by `bench/engines.py` on {info['when']}; {info['case']}. Load average before: {info['load_before']}, "
         f"after: {info['load_after']} (the 2 cores are shared with other work: rerun on a quiet machine for clean "
         f"figures). Local Ray cluster start-up, once, not counted below: {info['ray_start']:.1f} s.", "",
@@ -108,16 +108,20 @@ def section(info: dict, tokens: int, best: dict[str, float], resume: dict[str, f
         f"resumed {resume['resumed']:,} of {resume['steps']:,} steps ({resume['parts']} parts); the rerun took "
         f"{resume['rerun'] / local:.0%} of an uninterrupted run |  |  |", "",
         "Each Ray run starts its actors and loads the policy in each (a few seconds) inside the timed run: that is "
-        "the overhead on one worker. Rerun: `.venv/bin/python bench/engines.py`.", ""]
+        "the overhead on one worker. Rerun: `.venv/bin/python bench/engines.py`.", END, ""]
     return "\n".join(lines)
 
 
 def write_section(text: str) -> Path:
-    """Replace (or append) the Engines section of bench/RESULTS.md."""
+    """Replace the Engines section of bench/RESULTS.md (between its markers), or append it."""
     path = BENCH / "RESULTS.md"
     current = path.read_text() if path.exists() else ""
-    kept = current.split(SECTION)[0].rstrip("\n")
-    path.write_text((kept + "\n\n" if kept else "") + text)
+    start, end = current.find(START), current.find(END)
+    if 0 <= start < end:
+        current = current[:start] + text.rstrip("\n") + current[end + len(END):]
+    else:
+        current = current.rstrip("\n") + "\n\n" + text
+    path.write_text(current)
     return path
 
 

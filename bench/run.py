@@ -10,8 +10,10 @@ Cases (one function each, deterministic seeds, random models saved as safetensor
   grpo         single-turn GRPO groups (no prefix to share), same comparisons
   memory       one 16k-token trajectory, 152k-vocab model: peak RSS of `score_file` in a fresh process
   advantages   10M steps: `advantage_table` vs a per-row Python loop (bench/loop.py)
+  engines      (bench/engines.py, its own section of RESULTS.md) the Ray engine on 1 and 2 CPU workers vs local; resume
   gpu          (--gpu) a model of Qwen2.5-0.5B's shapes in bfloat16 on cuda: multi-turn speed vs the naive scorer and
-               the forward floors on the same GPU, float32 agreement, peak GPU memory on a 16k-token trajectory
+               the forward floors on the same GPU, float32 agreement, peak GPU memory on a 16k-token trajectory, and
+               `--engine ray` with one worker per GPU against the local engine on one
 """
 
 from __future__ import annotations
@@ -350,7 +352,32 @@ def case_gpu(work: Path, quick: bool) -> tuple[list[Row], dict[str, Any]]:
                     f"{empg_s / big_s:.2f}x the default's speed"))
     rows += gpu_float32_agreement(work, model_dir)
     memory_rows, details["memory"] = gpu_memory(work, model_dir, counts["weights_bytes"], quick)
-    return rows + memory_rows, {**details, "counts": counts}
+    return rows + memory_rows + gpu_engines(work, model_dir, quick), {**details, "counts": counts}
+
+
+def gpu_engines(work: Path, model_dir: Path, quick: bool) -> list[Row]:
+    """`--engine ray` with one worker per GPU of this machine against the local engine on one GPU, end to end on a
+    larger multi-turn case (Ray's actor start-up and per-worker model load are inside the timed runs)."""
+    import ray
+
+    from engines import measure
+    gpus = torch.cuda.device_count()
+    rollouts = multi_turn(np.random.default_rng(9), GPU_MODEL.vocab_size, trajectories=64 if quick else 1024,
+                          group_size=8, steps=(6, 10), first_prompt=(256, 512), response=(32, 128),
+                          observation=(64, 256))
+    src, tokens = rollouts.write(work / "gpu-engines.parquet"), rollouts.n_tokens
+    ray.init(include_dashboard=False, log_to_driver=False)  # a local cluster holding every GPU of the machine
+    try:
+        best = measure(src, model_dir, {"local": {}, "ray": {"engine": "ray"}}, device="cuda", repeats=REPEATS)
+    finally:
+        ray.shutdown()
+    speedup = best["local"] / best["ray"]
+    case = f"gpu-engines ({tokens:,} tokens)"
+    return [Row(case, "empg score_file --engine local (one GPU)", best["local"],
+                f"{tokens / best['local']:,.0f} tok/s"),
+            Row(case, f"empg score_file --engine ray ({gpus} workers, one per GPU)", best["ray"],
+                f"{tokens / best['ray']:,.0f} tok/s", f"{speedup:.2f}x local",
+                f">= {0.85 * gpus:.2f}x" if gpus > 1 else "", speedup >= 0.85 * gpus if gpus > 1 else None)]
 
 
 def gpu_float32_agreement(work: Path, model_dir: Path) -> list[Row]:
@@ -638,16 +665,18 @@ def main() -> None:
     print()
     print(table(rows))
     print(f"\nbench took {elapsed / 60:.1f} min")
-    target.write_text(report(rows, info, details, counts, elapsed) + verl_section(target))
+    target.write_text(report(rows, info, details, counts, elapsed) + kept_section(target, "verl")
+                      + kept_section(target, "engines"))
     print(f"wrote {target}")
 
 
-def verl_section(path: Path) -> str:
-    """The section `make bench-verl` (bench/verl_grpo.py) wrote into RESULTS.md, kept as it is: this run does not
+def kept_section(path: Path, name: str) -> str:
+    """A section another script wrote into RESULTS.md between `<!-- name:start -->` and `<!-- name:end -->`
+    (`verl`: `make bench-verl`, bench/verl_grpo.py; `engines`: bench/engines.py), kept as it is: this run does not
     measure it."""
     text = path.read_text() if path.exists() else ""
-    start, end = text.find("<!-- verl:start -->"), text.find("<!-- verl:end -->")
-    return "\n" + text[start:end + len("<!-- verl:end -->")] + "\n" if 0 <= start < end else ""
+    start, end = text.find(f"<!-- {name}:start -->"), text.find(f"<!-- {name}:end -->")
+    return "\n" + text[start:end + len(f"<!-- {name}:end -->")] + "\n" if 0 <= start < end else ""
 
 
 if __name__ == "__main__":
