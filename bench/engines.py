@@ -39,6 +39,8 @@ BENCH = Path(__file__).resolve().parent
 START, END = "<!-- engines:start -->", "<!-- engines:end -->"
 """The section's markers in bench/RESULTS.md: bench/run.py keeps what lies between them when it rewrites the rest."""
 REPEATS = 2
+ALL_RUNS: dict[str, list[float]] = {}
+"""Every timed run of the last `measure`, name -> seconds: under load their spread says how far to trust the best."""
 MODEL = ModelSpec("engines-32k", vocab_size=32_000, hidden_size=256, num_layers=6, intermediate_size=768,
                   num_heads=4, num_kv_heads=2, max_positions=8192)
 
@@ -57,6 +59,7 @@ def measure(src: Path, model_dir: Path, runs: dict[str, dict], device: str = "cp
             repeats: int = REPEATS) -> dict[str, float]:
     """Best wall seconds of score_file per named engine setting (keyword arguments of score_file), interleaved."""
     best: dict[str, float] = {}
+    ALL_RUNS.clear()
     for r in range(repeats):
         for name, options in runs.items():
             started = time.perf_counter()
@@ -64,6 +67,7 @@ def measure(src: Path, model_dir: Path, runs: dict[str, dict], device: str = "cp
                        device=device), AdvantageConfig(), overwrite=True, resume=False, **options)
             seconds = time.perf_counter() - started
             best[name] = min(best.get(name, seconds), seconds)
+            ALL_RUNS.setdefault(name, []).append(seconds)
             print(f"    {name:<24} run {r + 1}/{repeats}: {seconds:8.2f} s", flush=True)
     return best
 
@@ -108,7 +112,9 @@ def section(info: dict, tokens: int, best: dict[str, float], resume: dict[str, f
         f"resumed {resume['resumed']:,} of {resume['steps']:,} steps ({resume['parts']} parts); the rerun took "
         f"{resume['rerun'] / local:.0%} of an uninterrupted run |  |  |", "",
         "Each Ray run starts its actors and loads the policy in each (a few seconds) inside the timed run: that is "
-        "the overhead on one worker. Rerun: `.venv/bin/python bench/engines.py`.", END, ""]
+        "the overhead on one worker. All timed runs (seconds, in order): "
+        + "; ".join(f"{k} " + ", ".join(f"{x:.1f}" for x in v) for k, v in ALL_RUNS.items())
+        + ". Rerun: `.venv/bin/python bench/engines.py`.", END, ""]
     return "\n".join(lines)
 
 
