@@ -18,6 +18,8 @@ ADVANTAGE_COLUMNS = ["traj_reward", "adv_base", "empg_h_norm", "empg_g", "empg_f
                      "aem_u_norm", "aem_w", "adv_aem"]
 # integer ids of a step's trajectory, group and batch (one hash of the string keys instead of one per window)
 TRAJ, GROUP, BATCH, NEXT = "_traj", "_group", "_batch", "_next"
+MIXED_RADIX_LIMIT = 2 ** 62
+"""Keys with fewer combined values than this sort as one integer; more fall back to numpy's lexsort."""
 
 
 def trajectory_reward(reward_agg: str) -> pl.Expr:
@@ -86,11 +88,12 @@ def aem_stages(cfg: AdvantageConfig) -> list[list[pl.Expr]]:
 
 
 def _codes(steps: pl.DataFrame, columns: list[str]) -> np.ndarray:
-    """Each column as non-negative integer codes, (N, len(columns)): equal values, equal codes."""
-    exprs = [(pl.col(c).cast(pl.Categorical).to_physical() if steps.schema[c] == pl.String else pl.col(c))
-             .cast(pl.Int64).alias(c) for c in columns]
-    codes = steps.select(exprs).to_numpy()
-    return codes - codes.min(axis=0) if len(codes) else codes
+    """Each column as its dense rank 0..k-1, (N, len(columns)): equal values, equal codes, order kept.
+
+    Ranks, not value - min: an int64 iteration from INT64_MIN to 0, or a uint64 one up to 2^64 - 1, has a range
+    that overflows int64 and would merge or split trajectories in the combined key.
+    """
+    return steps.select((pl.col(c).rank("dense") - 1).cast(pl.Int64) for c in columns).to_numpy()
 
 
 def trajectory_structure(steps: pl.DataFrame, batch: list[str]) -> pl.DataFrame:
@@ -101,7 +104,7 @@ def trajectory_structure(steps: pl.DataFrame, batch: list[str]) -> pl.DataFrame:
     """
     codes = _codes(steps, [*TRAJ_KEYS, "step"])
     spans = codes.max(axis=0) + 1 if len(codes) else np.ones(codes.shape[1], dtype=np.int64)
-    if math.prod(int(x) for x in spans) < 2 ** 62:
+    if math.prod(int(x) for x in spans) < MIXED_RADIX_LIMIT:
         radix = np.cumprod(np.concatenate([[1], spans[::-1][:-1]]))[::-1]  # weight of each column in the key
         key = codes @ radix
         order = np.argsort(key, kind="stable")

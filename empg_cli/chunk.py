@@ -17,10 +17,10 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from .config import ScoreConfig
 from .errors import BadInput
+from .rollouts import InputFiles, open_parquet
 from .schema import TRAJ_KEYS, is_text
 from .sequences import TokenRows, check_vocabulary, plan_units, token_rows
 from .validation import ROW
@@ -42,7 +42,8 @@ KEY_COLUMNS = [ROW, *TRAJ_KEYS, "step"]
 class Source:
     """Where a chunk's rows come from: the input file and its prompt / response columns."""
 
-    path: Path
+    path: InputFiles
+    """The input's Parquet file(s); error messages name each row's own file and row."""
     input_column: str
     output_column: str
     logged_entropy: bool
@@ -54,7 +55,7 @@ class Source:
 
     @classmethod
     def of(cls, rollouts: Rollouts) -> "Source":
-        return cls(rollouts.path, rollouts.input_column, rollouts.output_column,
+        return cls(rollouts.source, rollouts.input_column, rollouts.output_column,
                    "token_entropy" in rollouts.schema.names)
 
 
@@ -99,9 +100,17 @@ def plan_chunks(steps: pl.DataFrame, costs: np.ndarray, done: np.ndarray,
         i = j
 
 
-def read_rows(path: Path, columns: list[str], rows: np.ndarray) -> pa.Table:
-    """Some rows (ascending) of a Parquet file: only the row groups that hold them are read."""
-    parquet = pq.ParquetFile(path)
+def read_rows(files: InputFiles, columns: list[str], rows: np.ndarray) -> pa.Table:
+    """Some rows (ascending) of the input: only the row groups of its files that hold them are read."""
+    starts = np.asarray(files.starts)
+    which = np.searchsorted(starts, rows, side="right") - 1
+    return pa.concat_tables([_read_file_rows(files.files[i], columns, rows[which == i] - starts[i])
+                             for i in np.unique(which)], promote_options="permissive")
+
+
+def _read_file_rows(path: Path, columns: list[str], rows: np.ndarray) -> pa.Table:
+    """Some rows (ascending) of one Parquet file, reading only the row groups that hold them."""
+    parquet = open_parquet(path)
     sizes = [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)]
     ends = np.cumsum(sizes)
     groups = np.unique(np.searchsorted(ends, rows, side="right"))

@@ -251,11 +251,16 @@ def audit(
     with _reported(debug):
         from .credit_report import render_audit
         from .library import audit as audit_report
-        rendered = render_audit(audit_report(input, top=top), fmt)
+        report = audit_report(input, top=top)
+        rendered = render_audit(report, fmt)
         if isinstance(rendered, str):
             typer.echo(rendered)
         else:
             out.print(rendered)
+        failed = [check["name"] for check in report["invariants"] if not check["passed"]]
+        if failed:  # the advantages in the file break their own definition: not the user's input, a failure
+            typer.echo(f"error: invariant check failed: {'; '.join(failed)} (see the Invariants section)", err=True)
+            raise typer.Exit(1)
 
 
 @app.command(epilog="Example: empg report runs.scored.parquet -o report.html")
@@ -324,10 +329,10 @@ def validate(
     """Check a file against its schema (a scored file is recognised by its columns)."""
     with _reported(debug):
         from .config import AdvantageConfig
-        from .rollouts import open_parquet, open_rollouts
+        from .rollouts import open_rollouts, open_source
         from .schema import GROUP_KEYS, TRAJ_KEYS
-        scored = "step_entropy" in open_parquet(input).schema_arrow.names
-        rollouts = open_rollouts(input, AdvantageConfig(), scored=scored)
+        scored = "step_entropy" in open_source(input)[1].names
+        rollouts = open_rollouts(input, AdvantageConfig(), scored=scored, every_column=True)
         steps = rollouts.steps
         typer.echo(f"ok: {input} is a valid {'scored' if scored else 'rollouts'} file: {steps.height:,} rows, "
                    f"{steps.select(TRAJ_KEYS).n_unique():,} trajectories, "

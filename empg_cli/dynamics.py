@@ -11,14 +11,16 @@ import functools
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 
 from .advantages import flat_group
 from .config import AdvantageConfig
 from .errors import BadInput
-from .rollouts import open_parquet, read_metadata, read_table
-from .schema import check_column_types, is_text
+from .rollouts import InputFiles, open_parquet, open_rollouts, open_source, read_columns, read_metadata
+from .schema import is_text
+from .validation import ROW
 
 MODEL_COLUMNS = ("step_renyi2", "step_grad_norm_sq", "step_grad_norm_sq_expected")
 """Statistics only a model forward pass gives; null when the entropies were logged at generation time."""
@@ -62,42 +64,37 @@ def _advantage_settings(schema: pa.Schema) -> dict:
     return (read_metadata(schema) or {}).get("advantages") or {}
 
 
-def _batch_key(path: Path, schema: pa.Schema) -> list[str]:
+def _batch_key(source: InputFiles, schema: pa.Schema) -> list[str]:
     """The batch key the advantages were computed with (the file's `empg` metadata), default (run, iteration)."""
     key = list(_advantage_settings(schema).get("batch_key") or ["run", "iteration"])
     for name in key:
         if name not in schema.names and name not in ("run", "iteration"):
-            raise BadInput(path, "is the batch key of this file's advantages (empg metadata) but is missing",
+            raise BadInput(source, "is the batch key of this file's advantages (empg metadata) but is missing",
                            column=name)
     return key
 
 
 def _read_one(path: Path, label: str, prefix: bool) -> tuple[pl.DataFrame, list[str]]:
-    """One scored file as a step frame with `file` and `batch` (label string); also its batch labels in order."""
-    schema = open_parquet(path).schema_arrow
-    check_column_types(schema, path, "scored")
+    """One scored file (or folder or glob of them), validated, as a step frame with `file` and `batch` (label
+    string), `path` and `row` of each step in its own file; also its batch labels in order."""
+    source, schema = open_source(path)
     for name in (*KEY_COLUMNS, *SCORED_COLUMNS):
         if name not in schema.names:
-            raise BadInput(path, "is missing; this is not a scored file (make one with `empg score`)", column=name)
-    batch_key = _batch_key(path, schema)
+            raise BadInput(source, "is missing; this is not a scored file (make one with `empg score`)", column=name)
+    batch_key = _batch_key(source, schema)
+    rollouts = open_rollouts(path, AdvantageConfig(batch_key=tuple(batch_key)), scored=SCORED_COLUMNS, content=False)
     texts = [c for c in TEXT_COLUMNS if c in schema.names and is_text(schema.field(c).type)]
     # response text; else the response ids, decoded later for the few steps shown (decoded_responses); else prompt
     text = texts[0] if texts and (texts[0] == "response" or "response_ids" not in schema.names) else None
-    keep = dict.fromkeys(["run", "iteration", *KEY_COLUMNS, *SCORED_COLUMNS, *batch_key, *([text] if text else [])])
-    frame = pl.from_arrow(read_table(path, columns=[c for c in keep if c in schema.names]))  # not ids or messages
-    for name in KEY_COLUMNS + tuple(c for c in SCORED_COLUMNS if c not in MODEL_COLUMNS):
-        nulls = frame[name].is_null().arg_true()
-        if len(nulls):
-            raise BadInput(path, "is null; a scored file has it on every row", column=name, row=int(nulls[0]))
-    if "run" not in frame.columns:
-        frame = frame.with_columns(run=pl.lit("default"))
-    if "iteration" not in frame.columns:
-        frame = frame.with_columns(iteration=pl.lit(0, pl.Int64))
+    read = [c for c in dict.fromkeys([*SCORED_COLUMNS, *batch_key, *([text] if text else [])])
+            if c in schema.names and c not in rollouts.steps.columns]
+    file_of_row = np.searchsorted(np.asarray(source.starts), rollouts.steps[ROW].to_numpy(), side="right") - 1
+    frame = pl.concat([rollouts.steps, pl.from_arrow(read_columns(source, schema, read))], how="horizontal")
     frame = frame.with_columns(
-        pl.col("run", "group_id", "traj_id").cast(pl.String), pl.col("iteration", "step").cast(pl.Int64),
         pl.col(*SCORED_COLUMNS).cast(pl.Float64),
         (pl.col(text).cast(pl.String) if text else pl.lit(None, pl.String)).alias("text"),
-        file=pl.lit(label), path=pl.lit(str(path)), row=pl.int_range(pl.len(), dtype=pl.Int64),
+        file=pl.lit(label), path=pl.Series([str(f) for f in source.files])[file_of_row],
+        row=pl.col(ROW) - pl.Series(source.starts, dtype=pl.Int64)[file_of_row],
         aem_min_range=pl.lit(float(_advantage_settings(schema).get("aem_min_range", AdvantageConfig.aem_min_range))))
     label_expr = pl.concat_str([pl.format(f"{k}={{}}", pl.col(k)) for k in batch_key], separator=", ")
     if prefix:

@@ -41,10 +41,16 @@ class WorkerFailed(Exception):
 
 
 class BadInput(EmpgError):
-    """A file that does not meet its schema; the message names the file, the column and the first offending row."""
+    """A file that does not meet its schema; the message names the file, the column and the offending row.
+
+    `path` may be a source read from several files (anything with `locate(row) -> (file, row in file)`): the
+    message then names the file and its own row. `listing` joins several problems into one error.
+    """
 
     def __init__(self, path: str | Path, message: str, *, column: str | None = None, row: int | None = None,
                  trajectory: str | None = None) -> None:
+        if row is not None and hasattr(path, "locate"):
+            path, row = path.locate(row)
         where = [str(path)]
         if column is not None:
             where.append(f"column '{column}'")
@@ -55,3 +61,18 @@ class BadInput(EmpgError):
         super().__init__(": ".join([where[0], ", ".join(where[1:])]) + f": {message}" if len(where) > 1
                          else f"{where[0]}: {message}")
         self.path, self.column, self.row, self.trajectory = str(path), column, row, trajectory
+        self.problems: list[BadInput] = [self]
+        self.total = 1
+
+    @classmethod
+    def listing(cls, problems: list["BadInput"], total: int) -> "BadInput":
+        """The first problem, its message followed by the others on indented lines and "... and N more"."""
+        first = problems[0]
+        lines = [str(first)] + [f"  {p}" for p in problems[1:]]
+        if total > len(problems):
+            lines.append(f"  ... and {total - len(problems)} more")
+        joined = cls.__new__(cls)
+        EmpgError.__init__(joined, "\n".join(lines))
+        joined.path, joined.column, joined.row, joined.trajectory = first.path, first.column, first.row, first.trajectory
+        joined.problems, joined.total = problems, total
+        return joined

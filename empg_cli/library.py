@@ -19,7 +19,7 @@ from .advantages import advantage_table
 from .config import AdvantageConfig, ScoreConfig, advantage_config_from
 from .errors import BadInput, BadUsage, EmpgError
 from .schema import TRAJ_KEYS, check_column_types, check_key_columns
-from .validation import check_step_entropy, checked_steps
+from .validation import Problems, check_step_entropy, check_token_entropy, checked_steps
 
 FRAME = "frame"
 """How error messages name an in-memory frame (where they would name a file)."""
@@ -46,26 +46,28 @@ def compute_advantages(frame: pl.DataFrame, *, estimator: str = "grpo", reward_a
         raise BadInput(FRAME, "has no rows")
     check_column_types(frame.head(0).to_arrow().schema, FRAME, "scored")
     check_key_columns(frame.columns, FRAME)
-    entropy = _step_entropy(frame)
+    problems = Problems(FRAME)  # every problem of keys and entropies, in one error
     keys = [c for c in dict.fromkeys((*TRAJ_KEYS, "step", "reward", *cfg.batch_key, "advantage")) if c in frame.columns]
-    steps, structure = checked_steps(frame.select(keys).to_arrow(), FRAME, cfg)
+    steps, structure = checked_steps(frame.select(keys), FRAME, cfg, problems)
+    entropy = _step_entropy(frame, problems)
+    problems.raise_if_any()
     advantages = advantage_table(steps.with_columns(entropy), cfg, structure)
     computed = [] if "step_entropy" in frame.columns else [entropy]
     return frame.with_columns(*computed, *advantages)
 
 
-def _step_entropy(frame: pl.DataFrame) -> pl.Series:
+def _step_entropy(frame: pl.DataFrame, problems: Problems) -> pl.Series:
     """H_t per row: the frame's step_entropy, else the mean of its logged token_entropy (nats), checked."""
     if "step_entropy" in frame.columns:
         entropy = frame["step_entropy"].cast(pl.Float64)
+        check_step_entropy(entropy, problems)
     elif "token_entropy" in frame.columns:
-        from .rollouts import check_token_entropy
-        check_token_entropy(frame.select(pl.col("^(token_entropy|response_ids)$")).to_arrow(), FRAME, True, 0)
+        check_token_entropy(frame["token_entropy"].to_arrow(), 0, problems, required=True,
+                            response_ids=frame["response_ids"].to_arrow() if "response_ids" in frame.columns else None)
         entropy = frame["token_entropy"].cast(pl.List(pl.Float64)).list.mean().alias("step_entropy")
     else:
         raise BadInput(FRAME, "needs the column 'step_entropy' (from `empg score`) or 'token_entropy' (per-token "
                               "entropies logged at generation time)")
-    check_step_entropy(entropy, FRAME)
     return entropy
 
 
@@ -95,9 +97,9 @@ def score(source: Source, *, model: str | None = None, temperature: float | None
 
 def read_rollouts(source: str | Path) -> pl.DataFrame:
     """A rollouts file, folder or glob, validated as `empg validate` does, as one frame (every column)."""
-    from .rollouts import open_rollouts, read_table
-    rollouts = open_rollouts(Path(source), AdvantageConfig())
-    return pl.from_arrow(read_table(rollouts.path))
+    from .rollouts import open_rollouts, read_columns
+    rollouts = open_rollouts(source, AdvantageConfig())
+    return pl.from_arrow(read_columns(rollouts.source, rollouts.schema, rollouts.schema.names))
 
 
 def load_scored(sources: str | Path | Sequence[str | Path]) -> pl.DataFrame:

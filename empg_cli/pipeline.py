@@ -25,7 +25,7 @@ from .errors import BadUsage, EmpgError
 from .ingest.convert import TEXT_WARNING
 from .output import atomic_output, sidecar, write_parquet
 from .progress import Progress
-from .rollouts import (ROWS_PER_CHUNK, Rollouts, open_parquet, open_rollouts, read_metadata, read_table, sha256_file,
+from .rollouts import (ROWS_PER_CHUNK, Rollouts, open_rollouts, open_source, read_columns, read_metadata,
                        with_columns)
 from .schema import GROUP_KEYS, SCHEMA_VERSION, TRAJ_KEYS
 from .validation import ROW
@@ -78,9 +78,9 @@ def _model_refs(rollouts: Rollouts, cfg: ScoreConfig) -> dict[int, str]:
         template = ((rollouts.metadata or {}).get("model") or {}).get("ref")
         if template is None:
             raise BadUsage(f"no model: pass --model (a folder, a hub id, or a template with {{iteration}}); "
-                           f"{rollouts.path} names none in its empg metadata")
+                           f"{rollouts.source} names none in its empg metadata")
         if not Path(template).is_absolute() and not Path(template).exists():
-            candidate = rollouts.path.parent / template
+            candidate = rollouts.source.folder / template
             if "{iteration}" in template or candidate.exists():
                 template = str(candidate)
     iterations = rollouts.steps["iteration"].unique().sort().to_list()
@@ -178,7 +178,7 @@ def _metadata(rollouts: Rollouts, score: ScoreConfig | None, advantages: Advanta
     stored = rollouts.metadata or {}
     base = dict(stored) if score is None else {k: stored[k] for k in ("source", "fidelity") if k in stored}
     base.update({"schema_version": SCHEMA_VERSION, "tool": "empg", "tool_version": __version__,
-                 "input_sha256": input_sha256 or sha256_file(rollouts.path), "input": rollouts.path.name,
+                 "input_sha256": input_sha256 or rollouts.source.sha256(), "input": Path(rollouts.source.name).name,
                  "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                  "advantages": config_to_dict(advantages), "estimator": advantages.estimator})
     if score is not None:
@@ -208,7 +208,7 @@ def score_file(input_path: Path, output_path: Path, score: ScoreConfig, advantag
         rollouts = open_rollouts(input_path, advantages, entropy_source=score.entropy_source)
         if score.temperature is None:
             score = replace(score, temperature=float((rollouts.metadata or {}).get("temperature", 1.0)))
-        input_sha256 = sha256_file(rollouts.path)
+        input_sha256 = rollouts.source.sha256()
         model_info, results, work, resumed = None, None, None, None
         if score.entropy_source == "logged":
             arrays = _logged_statistics(rollouts, rows_per_chunk)
@@ -249,10 +249,10 @@ def advantages_file(input_path: Path, output_path: Path, overrides: dict[str, An
                     overwrite: bool = False) -> Summary:
     """Recompute the advantage columns of a scored file (no model); unset flags keep the file's own values."""
     with atomic_output(output_path, overwrite=overwrite, inputs=[input_path]) as temp:
-        stored = (read_metadata(open_parquet(input_path).schema_arrow) or {}).get("advantages")
+        stored = (read_metadata(open_source(input_path)[1]) or {}).get("advantages")
         advantages = advantage_config_from(stored, **overrides)
-        rollouts = open_rollouts(input_path, advantages, scored=True)
-        stats = read_table(input_path, ["step_entropy", "n_response_tokens"])
+        rollouts = open_rollouts(input_path, advantages, scored=True, content=False)
+        stats = read_columns(rollouts.source, rollouts.schema, ["step_entropy", "n_response_tokens"])
         entropy = stats.column("step_entropy").to_numpy()
         steps = rollouts.steps.with_columns(step_entropy=pl.Series(entropy))
         columns = _advantage_columns(steps, advantages, stats.column("n_response_tokens").to_numpy(),

@@ -1,24 +1,60 @@
-"""Row-level checks of a rollouts key frame (docs/method.md, data model): ids set, steps 0..T-1, one reward per trajectory.
+"""Row-level checks of rollouts and scored tables (docs/method.md, data model), shared by files and in-memory frames.
 
-They work on a polars frame of the key columns, so a file (rollouts.open_rollouts) and an in-memory frame (the
-library) are validated by the same code. Every failure is a BadInput naming the source, column and row.
+Every check adds what it finds to a `Problems` collector instead of raising at the first one, so a user fixes a file
+in one run: the error lists the first LIMIT problems (file, column, row) and counts the rest. The checks work on
+polars key frames and on Arrow arrays of list columns, so a file (rollouts.open_rollouts, chunk by chunk) and a
+frame of the library (`check_frame`, source "frame") are validated by the same code.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from .advantages import TRAJ as TRAJECTORY, trajectory_structure
 from .config import AdvantageConfig
 from .errors import BadInput, BadUsage
-from .schema import TRAJ_KEYS
+from .schema import TRAJ_KEYS, is_text
 
-ROW = "_row"  # 0-based row index of the input file; every error message counts rows this way
+ROW = "_row"  # 0-based row index of the input; every error message counts rows this way
+LIMIT = 20
+"""Problems shown in one error; the rest are counted."""
+MAX_TOKEN_ID = 2 ** 31 - 1
+"""Token ids are list<int32> in the schema: larger ids fit no vocabulary."""
+NON_NEGATIVE = {"step_entropy", "step_renyi2", "n_response_tokens", "token_entropy"}
+"""Scored columns that are >= 0 by definition (entropies in nats, token counts)."""
+class Problems:
+    """Every problem found in one source: `raise_if_any` raises one BadInput listing the first LIMIT and a count.
+
+    `source` is a path, a name such as "frame", or anything with `locate(row) -> (file, row in file)` (a folder or
+    glob read as one table), so that each message names the file and row the user can open.
+    """
+
+    def __init__(self, source: Any) -> None:
+        self.source = source
+        self.shown: list[BadInput] = []
+        self.total = 0
+
+    def add(self, message: str, *, column: str | None = None, row: int | None = None,
+            trajectory: str | None = None) -> None:
+        self.total += 1
+        if len(self.shown) < LIMIT:
+            self.shown.append(BadInput(self.source, message, column=column, row=row, trajectory=trajectory))
+
+    def add_rows(self, column: str, rows: Sequence[int] | np.ndarray, message: Callable[[int], str]) -> None:
+        """One problem per offending row; `message(k)` describes rows[k] (only called for the rows shown)."""
+        rows = np.asarray(rows)
+        for k in range(min(len(rows), max(LIMIT - len(self.shown), 0))):
+            self.shown.append(BadInput(self.source, message(k), column=column, row=int(rows[k])))
+        self.total += len(rows)
+
+    def raise_if_any(self) -> None:
+        if self.total:
+            raise BadInput.listing(self.shown, self.total)
 
 
 def first_true(mask: pl.Series) -> int | None:
@@ -31,95 +67,187 @@ def describe_trajectory(row: dict[str, Any]) -> str:
     return "(" + ", ".join(f"{k}={row[k]!r}" for k in TRAJ_KEYS) + ")"
 
 
-def key_frame(table: pa.Table, path: Path, extra: tuple[str, ...]) -> pl.DataFrame:
-    """The key columns as polars, defaults filled for absent run/iteration, nulls in ids rejected."""
-    n = table.num_rows
-    cols: dict[str, Any] = {ROW: np.arange(n, dtype=np.int64)}
-    for name in (*TRAJ_KEYS, "step", "reward", "advantage", *extra):
-        if name in table.column_names:
-            cols[name] = pl.from_arrow(table.column(name))
-    frame = pl.DataFrame(cols)
+def _integer_key(frame: pl.DataFrame, name: str) -> pl.Expr:
+    """An integer key as Int64, or as UInt64 when it is one (2^64 - 1 is a valid iteration); else null."""
+    return pl.col(name) if frame.schema[name] in (pl.Int64, pl.UInt64) else pl.col(name).cast(pl.Int64, strict=False)
+
+
+def key_frame(data: pa.Table | pl.DataFrame, problems: Problems, extra: tuple[str, ...] = ()) -> pl.DataFrame:
+    """The key columns as polars: `_row`, defaults filled for absent run/iteration, ids as text (an integer id as
+    its decimal text), step as Int64; a null or unrepresentable key is a problem."""
+    frame = data if isinstance(data, pl.DataFrame) else pl.from_arrow(data)
+    if ROW not in frame.columns:
+        frame = frame.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias(ROW))
+    frame = frame.select(ROW, *(c for c in (*TRAJ_KEYS, "step", "reward", "advantage", *extra) if c in frame.columns))
     if "run" not in frame.columns:
         frame = frame.with_columns(run=pl.lit("default"))
     if "iteration" not in frame.columns:
         frame = frame.with_columns(iteration=pl.lit(0, pl.Int64))
-    frame = frame.with_columns(pl.col("run", "group_id", "traj_id").cast(pl.String), pl.col("iteration", "step").cast(pl.Int64),
-                               pl.col("^(reward|advantage)$").cast(pl.Float64))
+    given = frame
+    frame = frame.with_columns(pl.col("run", "group_id", "traj_id").cast(pl.String), _integer_key(frame, "iteration"),
+                               pl.col("step").cast(pl.Int64, strict=False),
+                               pl.col("^(reward|advantage)$").cast(pl.Float64, strict=False))
     for name in (*TRAJ_KEYS, "step", *extra):
-        row = first_true(frame[name].is_null())
-        if row is not None:
-            raise BadInput(path, "is null; ids and keys must be set on every row", column=name, row=row)
+        problems.add_rows(name, frame.filter(given[name].is_null())[ROW],
+                          lambda k: "is null; ids and keys must be set on every row")
+        lost = given[name].is_not_null() & frame[name].is_null()
+        values = given.filter(lost)[name]
+        problems.add_rows(name, frame.filter(lost)[ROW],
+                          lambda k, values=values: f"{values[k]} is not representable as a 64-bit integer")
     return frame
 
 
-def check_steps(frame: pl.DataFrame, path: Path) -> None:
+def _with_keys(frame: pl.DataFrame) -> pl.DataFrame:
+    """The trajectories whose keys and steps are all set (a null one is already reported)."""
+    return frame.drop_nulls(TRAJ_KEYS).filter(pl.col("step").is_not_null().all().over(TRAJ_KEYS))
+
+
+def _looks_like_training_step(first: int, n: int, distinct: int) -> bool:
+    """A trajectory whose `step` repeats one value, or starts far above 0, holds a trainer's training step."""
+    return first > 0 and ((n > 1 and distinct == 1) or first >= 10)
+
+
+def check_steps(frame: pl.DataFrame, problems: Problems) -> None:
     """Steps are 0..T-1 with no duplicates and no gaps in every trajectory."""
-    row = first_true(frame["step"] < 0)
-    if row is not None:
-        raise BadInput(path, f"step is {frame['step'][row]}; steps are 0-based", column="step", row=row)
-    dup = first_true(frame.select(pl.struct(*TRAJ_KEYS, "step").is_duplicated()).to_series())
-    if dup is not None:
-        first = frame.filter(pl.all_horizontal(pl.col(k) == frame[k][dup] for k in (*TRAJ_KEYS, "step")))
-        raise BadInput(path, f"step {frame['step'][dup]} appears twice in this trajectory (rows "
-                             f"{', '.join(map(str, first[ROW].to_list()[:5]))})", column="step",
-                       trajectory=describe_trajectory(frame.row(dup, named=True)), row=int(first[ROW][0]))
-    gaps = (frame.group_by(TRAJ_KEYS, maintain_order=True)
-            .agg(pl.col(ROW).min(), pl.col("step").max().alias("last"), pl.len().alias("n"),
-                 pl.col("step").sort().alias("steps"))
-            .filter(pl.col("last") != pl.col("n") - 1))
-    if gaps.height:
-        bad = gaps.row(0, named=True)
-        shown = ", ".join(map(str, bad["steps"][:8])) + (", ..." if len(bad["steps"]) > 8 else "")
-        raise BadInput(path, f"steps are {shown}; expected 0..{bad['n'] - 1} with no gaps", column="step",
-                       trajectory=describe_trajectory(bad), row=bad[ROW])
+    frame = _with_keys(frame)
+    negative = frame.filter(pl.col("step") < 0)
+    problems.add_rows("step", negative[ROW], lambda k: f"step is {negative['step'][k]}; steps are 0-based")
+    per_traj = (frame.group_by(TRAJ_KEYS, maintain_order=True)
+                .agg(pl.col(ROW).min(), pl.len().alias("n"), pl.col("step").n_unique().alias("distinct"),
+                     pl.col("step").min().alias("first"), pl.col("step").max().alias("last"),
+                     pl.col("step").sort().alias("steps"),
+                     pl.col("step").filter(pl.col("step").is_duplicated()).min().alias("repeated"),
+                     pl.col(ROW).filter(pl.col("step").is_duplicated()).sort().head(5).alias("repeated_rows"))
+                .filter((pl.col("first") >= 0) & ((pl.col("distinct") < pl.col("n")) | (pl.col("last") != pl.col("n") - 1))))
+    for bad in per_traj.iter_rows(named=True):
+        if bad["distinct"] < bad["n"]:
+            message = (f"step {bad['repeated']} appears twice in this trajectory (rows "
+                       f"{', '.join(map(str, bad['repeated_rows']))})")
+        else:
+            shown = ", ".join(map(str, bad["steps"][:8])) + (", ..." if len(bad["steps"]) > 8 else "")
+            message = f"steps are {shown}; expected 0..{bad['n'] - 1} with no gaps"
+        if _looks_like_training_step(bad["first"], bad["n"], bad["distinct"]):
+            message += ("; this `step` looks like a training step, which belongs in `iteration` "
+                        "(`step` is the turn index within the trajectory)")
+        problems.add(message, column="step", trajectory=describe_trajectory(bad), row=bad[ROW])
 
 
-def check_value_per_trajectory(frame: pl.DataFrame, path: Path, column: str, reward_agg: str | None) -> None:
+def check_numbers(values: pl.Series, rows: pl.Series, column: str, problems: Problems, *, nullable: bool,
+                  non_negative: bool = False) -> None:
+    """A float column: finite (and >= 0 where asked) where set; set on every row unless nullable."""
+    values = values.cast(pl.Float64, strict=False)
+    bad = ~values.is_finite()
+    if non_negative:
+        bad = bad | (values < 0)
+    bad = bad.fill_null(not nullable)
+    wrong = values.filter(bad)
+    need = "a finite number >= 0" if non_negative else "a finite number"
+    problems.add_rows(column, rows.filter(bad), lambda k: f"{column} is {'null' if wrong[k] is None else wrong[k]}; "
+                                                          f"must be {need}")
+
+
+def check_value_per_trajectory(frame: pl.DataFrame, problems: Problems, column: str, reward_agg: str | None) -> None:
     """Finite values; at least one per trajectory; equal within the trajectory unless summed."""
-    row = first_true(frame[column].is_nan() | frame[column].is_infinite())
-    if row is not None:
-        raise BadInput(path, f"{column} is {frame[column][row]}; must be a finite number", column=column, row=row)
+    frame = _with_keys(frame)
+    check_numbers(frame[column], frame[ROW], column, problems, nullable=True)
+    value = pl.col(column).filter(pl.col(column).is_finite())
     per_traj = frame.group_by(TRAJ_KEYS, maintain_order=True).agg(
-        pl.col(ROW).min(), pl.col(column).drop_nulls().n_unique().alias("distinct"),
-        pl.col(column).drop_nulls().unique(maintain_order=True).head(3).alias("values"))
-    missing = per_traj.filter(pl.col("distinct") == 0)
-    if missing.height:
-        bad = missing.row(0, named=True)
-        raise BadInput(path, f"{column} is null on every step of this trajectory", column=column,
-                       trajectory=describe_trajectory(bad), row=bad[ROW])
+        pl.col(ROW).min(), pl.col(column).drop_nulls().len().alias("set"), value.n_unique().alias("distinct"),
+        value.unique(maintain_order=True).head(3).alias("values"))
+    for bad in per_traj.filter(pl.col("set") == 0).iter_rows(named=True):
+        problems.add(f"{column} is null on every step of this trajectory", column=column,
+                     trajectory=describe_trajectory(bad), row=bad[ROW])
     if reward_agg != "sum":
-        unequal = per_traj.filter(pl.col("distinct") > 1)
-        if unequal.height:
-            bad = unequal.row(0, named=True)
-            hint = "; pass --reward-agg sum to sum per-step rewards" if column == "reward" else ""
-            raise BadInput(path, f"{column} differs within this trajectory ({', '.join(map(str, bad['values']))})"
-                                 f"{hint}", column=column, trajectory=describe_trajectory(bad), row=bad[ROW])
+        hint = "; pass --reward-agg sum to sum per-step rewards" if column == "reward" else ""
+        for bad in per_traj.filter(pl.col("distinct") > 1).iter_rows(named=True):
+            problems.add(f"{column} differs within this trajectory ({', '.join(map(str, bad['values']))}){hint}",
+                         column=column, trajectory=describe_trajectory(bad), row=bad[ROW])
 
 
-def check_keys(table: pa.Table, path: Path | str, advantages: AdvantageConfig) -> pl.DataFrame:
+def _flagged(array: pa.ChunkedArray | pa.Array, wrong: np.ndarray, offset: int) -> tuple[np.ndarray, list]:
+    """Rows (from `offset`) holding a flagged list element, each once and in order, and each one's first such value."""
+    parents = pc.list_parent_indices(array).to_numpy(zero_copy_only=False)[wrong]
+    rows, first = np.unique(parents, return_index=True)
+    values = pc.list_flatten(array).filter(pa.array(wrong)).take(pa.array(first)).to_pylist()
+    return offset + rows, values
+
+
+def check_list_or_text(array: pa.ChunkedArray | pa.Array, column: str, offset: int, problems: Problems) -> None:
+    """A prompt or response column (rows from `offset`): set and non-empty on every row; token ids in
+    [0, 2^31) with no null among them; every message with a role and content."""
+    nulls = np.flatnonzero(array.is_null().to_numpy(zero_copy_only=False))
+    problems.add_rows(column, offset + nulls, lambda k: "is null")
+    lengths = pc.utf8_length(array) if is_text(array.type) else pc.list_value_length(array)
+    empty = np.flatnonzero(pc.fill_null(pc.equal(lengths, 0), False).to_numpy(zero_copy_only=False))
+    problems.add_rows(column, offset + empty, lambda k: "is empty; every step needs at least one token here")
+    if is_text(array.type):
+        return
+    flat = pc.list_flatten(array)
+    if column == "messages":
+        for part in ("role", "content"):
+            rows, _ = _flagged(array, pc.is_null(pc.struct_field(flat, part)).to_numpy(zero_copy_only=False), offset)
+            problems.add_rows(column, rows, lambda k, part=part: f"a message has a null {part}")
+        return
+    rows, _ = _flagged(array, flat.is_null().to_numpy(zero_copy_only=False), offset)
+    problems.add_rows(column, rows, lambda k: "a token id is null")
+    ids = pc.fill_null(flat, 0)
+    rows, values = _flagged(array, pc.or_(pc.less(ids, 0), pc.greater(ids, MAX_TOKEN_ID))
+                            .to_numpy(zero_copy_only=False), offset)
+    problems.add_rows(column, rows, lambda k: f"token id {values[k]} is negative or too large (ids are 0..2^31-1)")
+
+
+def check_token_entropy(array: pa.ChunkedArray | pa.Array, offset: int, problems: Problems, *, required: bool,
+                        response_ids: pa.ChunkedArray | pa.Array | None = None) -> None:
+    """Logged entropies (rows from `offset`): each finite and >= 0 (nats), one per response token when
+    response_ids say how many; on every row when `required` (--entropy-source logged)."""
+    lengths = pc.list_value_length(array)
+    if required:
+        absent = np.flatnonzero(pc.fill_null(pc.equal(lengths, 0), True).to_numpy(zero_copy_only=False))
+        problems.add_rows("token_entropy", offset + absent,
+                          lambda k: "has no entropies on this row; --entropy-source logged needs them on every row")
+    values = pc.list_flatten(array).to_numpy(zero_copy_only=False).astype(np.float64)  # a null element is NaN
+    rows, first = _flagged(array, ~np.isfinite(values) | (values < 0), offset)
+    problems.add_rows("token_entropy", rows,
+                      lambda k: f"entropy {'null' if first[k] is None else first[k]} is not a finite number >= 0 (nats)")
+    if response_ids is not None:
+        n_ids = pc.list_value_length(response_ids)
+        differ = np.flatnonzero(pc.fill_null(pc.not_equal(lengths, n_ids), False).to_numpy(zero_copy_only=False))
+        problems.add_rows("token_entropy", offset + differ,
+                          lambda k: f"has {lengths[int(differ[k])]} entropies for {n_ids[int(differ[k])]} response_ids")
+
+
+
+def check_keys(data: pa.Table | pl.DataFrame, source: Any, advantages: AdvantageConfig,
+               problems: Problems | None = None) -> pl.DataFrame:
     """The key frame of a rollouts table, checked for what the advantages need: the batch-key and (for
     `--estimator column`) `advantage` columns present, ids set, steps 0..T-1, one reward (and advantage) per
-    trajectory. `table` holds the key columns (extra columns are ignored)."""
-    return checked_steps(table, path, advantages)[0]
+    trajectory. `data` holds the key columns (extra columns are ignored). Problems go to `problems`, else they
+    are raised here, all in one BadInput."""
+    return checked_steps(data, source, advantages, problems)[0]
 
 
-def checked_steps(table: pa.Table, path: Path | str, advantages: AdvantageConfig,
-                  ) -> tuple[pl.DataFrame, pl.DataFrame]:
+def checked_steps(data: pa.Table | pl.DataFrame, source: Any, advantages: AdvantageConfig,
+                  problems: Problems | None = None) -> tuple[pl.DataFrame, pl.DataFrame | None]:
     """check_keys' frame and the trajectory structure its check computed (advantages.trajectory_structure), which
-    advantages.advantage_table can reuse."""
+    advantages.advantage_table can reuse (None when a key is null)."""
+    names = data.column_names if isinstance(data, pa.Table) else data.columns
     for key in advantages.batch_key:
-        if key not in table.column_names and key not in ("run", "iteration"):
-            raise BadUsage(f"--batch-key column '{key}' is not in {path}")
-    if advantages.estimator == "column" and "advantage" not in table.column_names:
-        raise BadInput(path, "--estimator column needs the column 'advantage'")
+        if key not in names and key not in ("run", "iteration"):
+            raise BadUsage(f"--batch-key column '{key}' is not in {source}")
+    if advantages.estimator == "column" and "advantage" not in names:
+        raise BadInput(source, "--estimator column needs the column 'advantage'")
+    found = problems or Problems(source)
     extra = tuple(dict.fromkeys(k for k in advantages.batch_key if k not in TRAJ_KEYS and k != "step"))
-    frame = key_frame(table, path, extra)
-    structure = trajectory_structure(frame, list(advantages.batch_key))
+    before = found.total
+    frame = key_frame(data, found, extra)
     values = {"reward": advantages.reward_agg, **({"advantage": None} if advantages.estimator == "column" else {})}
-    if not _all_trajectories_valid(frame.with_columns(structure[TRAJECTORY]), values):
-        check_steps(frame, path)  # the detailed checks name the first offending row
+    structure = trajectory_structure(frame, list(advantages.batch_key)) if found.total == before else None
+    if structure is None or not _all_trajectories_valid(frame.with_columns(structure[TRAJECTORY]), values):
+        check_steps(frame, found)  # the detailed checks name every offending row
         for column, agg in values.items():
-            check_value_per_trajectory(frame, path, column, agg)
+            check_value_per_trajectory(frame, found, column, agg)
+    if problems is None:
+        found.raise_if_any()
     return frame, structure
 
 
@@ -138,9 +266,7 @@ def _all_trajectories_valid(frame: pl.DataFrame, values: dict[str, str | None]) 
     return bool(frame.select(finite).item()) and bool(per_trajectory["ok"].all())
 
 
-def check_step_entropy(entropy: pl.Series, path: Path | str) -> None:
+def check_step_entropy(entropy: pl.Series, problems: Problems) -> None:
     """Step entropies H_t are set, finite and >= 0 (nats) on every row."""
-    row = first_true(entropy.is_null() | ~entropy.is_finite() | (entropy < 0))
-    if row is not None:
-        raise BadInput(path, f"step entropy {entropy[row]} is not a finite number >= 0 (nats)", column=entropy.name,
-                       row=row)
+    check_numbers(entropy, pl.int_range(len(entropy), eager=True), entropy.name, problems, nullable=False,
+                  non_negative=True)

@@ -371,14 +371,17 @@ def test_hyperparameters_change_the_result() -> None:
 
 
 def test_keys_too_wide_for_one_integer_sort_give_the_same_result(monkeypatch) -> None:
-    """Iterations spread over 2^60 push the mixed-radix sort key past 62 bits: the lexsort fallback must agree."""
+    """Keys with more combined values than one integer sort takes (lowered here) use lexsort: it must agree."""
     import numpy as np
+
+    import empg_cli.advantages as advantages
     rows = random_rollouts(5, n_batches=4)
     wide = [dict(r, iteration=r["iteration"] * 2 ** 60) for r in rows]
     narrow_out = library(rows)
     calls = []
     lexsort = np.lexsort
     monkeypatch.setattr(np, "lexsort", lambda keys: calls.append(1) or lexsort(keys))
+    monkeypatch.setattr(advantages, "MIXED_RADIX_LIMIT", 2)
     wide_out = library(wide)
     assert calls, "the fallback sort did not run"
     for a, b in zip(narrow_out, wide_out):

@@ -41,8 +41,8 @@ def _write(tmp_path, rows=None, table=None, raw: bytes | None = None):
 
 # (id, how to build the input, extra CLI flags, expected fragments of the one error line)
 CASES = [
-    ("not-parquet", dict(raw=b"run,step\nx,0\n"), [], ["cannot be read as Parquet"]),
-    ("empty-file", dict(raw=b""), [], ["cannot be read as Parquet"]),
+    ("not-parquet", dict(raw=b"run,step\nx,0\n"), [], ["is not a Parquet file"]),
+    ("empty-file", dict(raw=b""), [], ["is not a Parquet file (it is empty)"]),
     ("no-rows", dict(table=pa.table({"group_id": pa.array([], pa.string())})), [], ["has no rows"]),
     ("missing-traj_id", dict(rows={k: v for k, v in _rows().items() if k != "traj_id"}), [],
      ["required column 'traj_id' is missing", "empg schema rollouts"]),

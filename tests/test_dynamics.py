@@ -305,7 +305,7 @@ def test_load_scored_rejects_files_that_are_not_scored(tmp_path: Path) -> None:
     with pytest.raises(BadInput, match="no such file"):
         dynamics.load_scored([tmp_path / "missing.parquet"])
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(BadInput, match="cannot be read as Parquet"):
+    with pytest.raises(BadInput, match="is not a Parquet file"):
         dynamics.load_scored([tmp_path / "notes.txt"])
     path = write_scored(tmp_path / "raw.parquet", scored_steps(iterations=1).drop("adv_aem"))
     with pytest.raises(BadInput, match="column 'adv_aem': is missing; this is not a scored file") as info:

@@ -68,7 +68,7 @@ def nothing_read(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the input was read before the output was checked")
     monkeypatch.setattr(pipeline, "open_rollouts", refuse)
-    monkeypatch.setattr(pipeline, "open_parquet", refuse)
+    monkeypatch.setattr(pipeline, "open_source", refuse)
 
 
 @pytest.fixture

@@ -13,9 +13,10 @@ import polars as pl
 from .. import __version__
 from ..errors import BadInput, BadUsage
 from ..output import atomic_output, write_parquet
-from ..rollouts import METADATA_KEY, _check_nonempty as check_nonempty
+from ..config import AdvantageConfig
+from ..rollouts import METADATA_KEY
 from ..schema import GROUP_KEYS, SCHEMA_VERSION, TRAJ_KEYS, check_column_types, check_required_columns
-from ..validation import check_steps, check_value_per_trajectory, key_frame
+from ..validation import Problems, check_keys, check_list_or_text
 from . import areal, art, prime_rl, rllm, table, trl, verl
 from .common import Converted, Options
 from .detect import FORMATS, TABLES, detect
@@ -75,12 +76,12 @@ def validate_converted(frame: pl.DataFrame, name: str) -> pl.DataFrame:
     arrow = frame.to_arrow()
     check_column_types(arrow.schema, name, "rollouts")
     input_column, output_column = check_required_columns(arrow.schema, name)
+    problems = Problems(name)
     for column in (input_column, output_column):
-        check_nonempty(arrow, Path(name), column, 0)
-    keys = key_frame(arrow.select([c for c in (*TRAJ_KEYS, "step", "reward") if c in arrow.column_names]),
-                     Path(name), ())
-    check_steps(keys, Path(name))
-    check_value_per_trajectory(keys, Path(name), "reward", "equal")
+        check_list_or_text(arrow.column(column), column, 0, problems)
+    keys = check_keys(arrow.select([c for c in (*TRAJ_KEYS, "step", "reward") if c in arrow.column_names]), name,
+                      AdvantageConfig(), problems)
+    problems.raise_if_any()
     return keys
 
 
