@@ -58,4 +58,4 @@ def test_reading_rows_by_row_group_or_streaming_gives_the_files_rows(tmp_path):
     for rows, (got_rows, got) in zip(chunks, streamed):
         want = table.take(pa.array(rows))
         assert np.array_equal(got_rows, rows) and got.equals(want)
-        assert read_rows(src, ["prompt_ids", "response_ids"], rows).equals(want)
+        assert read_rows(rollouts.source, ["prompt_ids", "response_ids"], rows).equals(want)
