@@ -71,3 +71,13 @@ def test_a_worker_that_raises_is_one_error_line(tmp_path, capsys, cluster):
     assert err.strip().splitlines()[-1] == (f"error: {src}: column 'response_ids', row 3: token id 100000 is outside "
                                             "the model's vocabulary (0..319)")
     assert "Traceback" not in err and not (tmp_path / "in.scored.parquet").exists()
+
+
+def test_ray_flags_without_the_ray_engine_are_bad_usage(tmp_path, capsys):
+    src = write_rollouts(tmp_path / "in.parquet", random_rollouts(np.random.default_rng(43), groups=1))
+    for flags in (["--workers", "2"], ["--ray-address", "auto"]):
+        assert main(["score", str(src), "--model", str(tmp_path / "m"), *flags]) == 2
+        assert capsys.readouterr().err == "error: --workers and --ray-address need --engine ray\n"
+    assert main(["score", str(src), "--model", str(tmp_path / "m"), "--engine", "ray", "--workers", "0"]) == 2
+    assert capsys.readouterr().err == "error: --workers must be >= 1; got 0\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.parquet"]
