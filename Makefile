@@ -8,7 +8,7 @@ TORCH   ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test install bench bench-gpu bench-verl docs sample clean
+.PHONY: demo test install bench bench-engines bench-gpu bench-verl docs sample clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -31,6 +31,10 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/convert.py
+
+# the Ray engine on 1 and 2 CPU workers vs the local engine, and a resumed run: the Engines section of RESULTS.md
+bench-engines: $(STAMP)
+	$(BIN)/python bench/engines.py
 
 bench-gpu: $(STAMP)
 	$(BIN)/python bench/run.py --gpu

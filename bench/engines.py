@@ -1,7 +1,8 @@
 """Engines bench: the Ray engine with 1 and 2 single-thread CPU workers against the local engine on one thread, on
 the same case in one run, and the time a resumed run saves after a kill -9.
 
-    .venv/bin/python bench/engines.py           # writes the "Engines" section of bench/RESULTS.md (a few minutes)
+    make bench-engines                          # = .venv/bin/python bench/engines.py: writes the "Engines" section
+                                                # of bench/RESULTS.md (about 8 minutes on 2 quiet cores)
     .venv/bin/python bench/engines.py --quick   # a small case; prints the section only
 
 Throughput is response tokens per second of `score_file` end to end (read, plan, start the actors and load the
@@ -114,7 +115,7 @@ def section(info: dict, tokens: int, best: dict[str, float], resume: dict[str, f
         "Each Ray run starts its actors and loads the policy in each (a few seconds) inside the timed run: that is "
         "the overhead on one worker. All timed runs (seconds, in order): "
         + "; ".join(f"{k} " + ", ".join(f"{x:.1f}" for x in v) for k, v in ALL_RUNS.items())
-        + ". Rerun: `.venv/bin/python bench/engines.py`.", END, ""]
+        + ". Rerun: `make bench-engines`.", END, ""]
     return "\n".join(lines)
 
 
