@@ -83,6 +83,10 @@ def _advantage_flags(estimator, reward_agg, k, k_future, zeta, empg_norm, aem_ta
 
 
 def _default_output(path: Path, suffix: str) -> Path:
+    """INPUT.<suffix>.parquet beside a file, FOLDER.<suffix>.parquet beside a folder; a glob needs -o."""
+    if not path.exists() and set("*?[") & set(path.name):
+        from .errors import BadUsage
+        raise BadUsage(f"the input {path} is a glob: name the output with -o/--output")
     return path.with_name(f"{path.name.removesuffix('.parquet')}.{suffix}.parquet")
 
 

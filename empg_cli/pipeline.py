@@ -79,12 +79,27 @@ def _model_refs(rollouts: Rollouts, cfg: ScoreConfig) -> dict[int, str]:
         if template is None:
             raise BadUsage(f"no model: pass --model (a folder, a hub id, or a template with {{iteration}}); "
                            f"{rollouts.source} names none in its empg metadata")
-        if not Path(template).is_absolute() and not Path(template).exists():
-            candidate = rollouts.source.folder / template
-            if "{iteration}" in template or candidate.exists():
-                template = str(candidate)
+        template = _model_from_metadata(template, rollouts.source)
     iterations = rollouts.steps["iteration"].unique().sort().to_list()
     return {it: template.replace("{iteration}", str(it)) for it in iterations}
+
+
+def _model_from_metadata(ref: str, source) -> str:
+    """A model named by the input's metadata is data, not authority: a relative path inside the file's folder, or a
+    hub id already in the local Hugging Face cache (never a download); anything else asks for --model."""
+    folder = source.folder.resolve()
+    local = folder / ref
+    inside = not Path(ref).is_absolute() and local.resolve().is_relative_to(folder)
+    if inside and ("{iteration}" in ref or local.exists()):
+        return str(local)
+    if not Path(ref).is_absolute() and ref.count("/") == 1 and not ref.startswith(".") and "{" not in ref:
+        from huggingface_hub import try_to_load_from_cache
+        if isinstance(try_to_load_from_cache(ref, "config.json"), str):
+            return ref
+        raise BadUsage(f"{source}'s empg metadata names the hub model '{ref}', which is not in the local Hugging Face "
+                       f"cache; empg downloads nothing it was not asked for: pass --model {ref}")
+    raise BadUsage(f"{source}'s empg metadata names the model '{ref}', which is not a folder inside the file's own "
+                   f"folder; pass --model to choose the checkpoint")
 
 
 def _settings(rollouts: Rollouts, cfg: ScoreConfig, refs: dict[int, str], input_sha256: str) -> dict[str, Any]:

@@ -9,7 +9,7 @@ import json
 import os
 import stat
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -18,7 +18,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .config import AdvantageConfig
+from .config import AdvantageConfig, advantage_config_from
 from .errors import BadInput, BadUsage
 from .schema import TRAJ_KEYS, check_column_types, check_required_columns, load_schema
 from .validation import (NON_NEGATIVE, ROW, Problems, check_keys, check_list_or_text, check_numbers,
@@ -161,6 +161,8 @@ def open_source(name: str | Path) -> tuple[InputFiles, pa.Schema]:
     """
     files, folder = parquet_files(name)
     opened = [open_parquet(f) for f in files]
+    for path, parquet in zip(files, opened):
+        check_metadata(parquet.schema_arrow, path)
     schema = opened[0].schema_arrow
     for path, parquet in zip(files[1:], opened[1:]):
         names = parquet.schema_arrow.names
@@ -197,10 +199,51 @@ def read_table(path: Path, columns: list[str] | None = None) -> pa.Table:
 
 
 def read_metadata(source: pa.Table | pa.Schema) -> dict[str, Any] | None:
-    """The `empg` key-value metadata of a table or schema, parsed, or None."""
+    """The `empg` key-value metadata of a table or schema, parsed, or None (checked by `check_metadata` on open)."""
     schema = source.schema if isinstance(source, pa.Table) else source
     raw = (schema.metadata or {}).get(METADATA_KEY)
     return json.loads(raw) if raw else None
+
+
+def check_metadata(schema: pa.Schema, path: Path) -> None:
+    """The file's `empg` metadata is data, not authority: valid JSON, an object, and the keys empg reads
+    (temperature, model.ref, advantages) of the right type and range; else a BadInput naming the key."""
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    if not raw:
+        return
+    try:
+        meta = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise BadInput(path, f"its 'empg' metadata is not valid JSON ({reason}); rewrite the file without it") from None
+    if not isinstance(meta, dict):
+        raise BadInput(path, f"its 'empg' metadata is a JSON {type(meta).__name__}, not an object")
+    temperature = meta.get("temperature")
+    if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+                                    or not 0 < temperature < float("inf")):
+        raise BadInput(path, f"its 'empg' metadata key 'temperature' is {json.dumps(temperature)}; it must be a number "
+                             "> 0 (or pass --temperature)")
+    model = meta.get("model")
+    if model is not None and not (isinstance(model, dict) and isinstance(model.get("ref", ""), (str, type(None)))):
+        raise BadInput(path, "its 'empg' metadata key 'model' must be an object whose 'ref' is a path or hub id "
+                             "(or pass --model)")
+    for key in ("advantages", "score"):
+        if meta.get(key) is not None and not isinstance(meta[key], dict):
+            raise BadInput(path, f"its 'empg' metadata key '{key}' must be an object")
+    stored = meta.get("advantages") or {}
+    for field in fields(AdvantageConfig):
+        value = stored.get(field.name)
+        wanted = {"str": str, "float": (int, float), "tuple[str, ...]": list}[str(field.type)]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, wanted)
+                                  or (wanted is list and not all(isinstance(v, str) for v in value))):
+            raise BadInput(path, f"its 'empg' metadata key 'advantages.{field.name}' is {json.dumps(value)}, not a "
+                                 f"{'list of column names' if wanted is list else 'string' if wanted is str else 'number'}")
+    try:
+        advantage_config_from(stored)
+    except BadUsage as exc:
+        flag = str(exc).split()[0]
+        raise BadInput(path, f"its 'empg' metadata key 'advantages.{flag.lstrip('-').replace('-', '_')}' is out of "
+                             f"range: {str(exc).removeprefix(flag + ' ')}") from None
 
 
 def _check_required(schema: pa.Schema, source: InputFiles, scored: bool | Sequence[str],

@@ -121,7 +121,10 @@ def load_policy(ref: str, *, device: torch.device, dtype: torch.dtype, allow_pic
             attn_implementation=attention_implementation(device, dtype))
     except (OSError, ValueError, EnvironmentError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        hint = "" if allow_pickle else " (only safetensors weights load unless --allow-pickle is given)"
+        if "trust_remote_code" in str(exc):
+            hint = " (the checkpoint runs its own code: pass --trust-remote-code if you trust it)"
+        else:
+            hint = "" if allow_pickle else " (only safetensors weights load unless --allow-pickle is given)"
         raise ModelLoadError(f"cannot load model {ref}: {first}{hint}") from exc
     model.to(device).eval()
     local = local_model_dir(ref)
