@@ -8,7 +8,6 @@ hang (a FIFO) run as subprocesses under a timeout. `python tests/test_fuzz_corpu
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import subprocess
