@@ -73,11 +73,13 @@ def _step_entropy(frame: pl.DataFrame, problems: Problems) -> pl.Series:
 
 def score(source: Source, *, model: str | None = None, temperature: float | None = None, device: str = "auto",
           dtype: str = "auto", entropy_source: str = "model", token_level: bool = False, batch_tokens: int = 8192,
+          engine: str = "local", workers: int | None = None, ray_address: str | None = None,
           **hyperparameters: Any) -> pl.DataFrame:
     """The scored table of `empg score` for a rollouts frame, file, folder or glob, in memory (docs/api.md).
 
-    `hyperparameters` are compute_advantages' keyword arguments. A frame is written to a temporary Parquet file
-    and scored like one; nothing is written beside the source.
+    `hyperparameters` are compute_advantages' keyword arguments; `engine`, `workers` and `ray_address` are
+    `empg score`'s (local, or Ray actors). A frame is written to a temporary Parquet file and scored like one;
+    nothing is written beside the source.
     """
     from .pipeline import score_file
     names = {f.name for f in fields(AdvantageConfig)}
@@ -91,7 +93,7 @@ def score(source: Source, *, model: str | None = None, temperature: float | None
                       batch_tokens=batch_tokens, token_level=token_level)
     with _as_file(source) as (path, work):
         output = work / "scored.parquet"
-        score_file(path, output, cfg, advantages)
+        score_file(path, output, cfg, advantages, engine=engine, workers=workers, ray_address=ray_address)
         return pl.read_parquet(output)
 
 

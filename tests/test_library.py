@@ -172,6 +172,8 @@ def test_score_in_memory_equals_score_file(tmp_path, tiny_model_dir):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.parquet", "out.parquet"]
     with pytest.raises(empg.BadUsage, match="unknown hyperparameter 'kk'"):
         empg.score(src, model=str(tiny_model_dir), kk=1.0)
+    with pytest.raises(empg.BadUsage, match="^--workers and --ray-address need --engine ray$"):
+        empg.score(src, model=str(tiny_model_dir), workers=2)  # the engine options reach score_file
     with pytest.raises(empg.BadUsage, match="^no model: pass --model .*; frame names none"):
         empg.score(pl.read_parquet(src))
     with pytest.raises(empg.BadInput, match=r"^frame: column 'step', trajectory .*expected 0\.\.") as caught:
