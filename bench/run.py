@@ -358,7 +358,10 @@ def case_gpu(work: Path, quick: bool) -> tuple[list[Row], dict[str, Any]]:
 def gpu_engines(work: Path, model_dir: Path, quick: bool) -> list[Row]:
     """`--engine ray` with one worker per GPU of this machine against the local engine on one GPU, end to end on a
     larger multi-turn case (Ray's actor start-up and per-worker model load are inside the timed runs)."""
-    import ray
+    try:
+        import ray
+    except ImportError:  # the optional extra: a GPU machine without it still gets every other row
+        return [Row("gpu-engines", "empg score_file --engine ray: not measured, ray is not installed here")]
 
     from engines import measure
     gpus = torch.cuda.device_count()
