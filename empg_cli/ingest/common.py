@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import io
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
+import orjson
 import polars as pl
 import pyarrow as pa
 
@@ -83,13 +83,13 @@ def number_in(path: Path, pattern: str) -> int:
 
 def json_lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(1-based line number, object) for each non-blank line; a line that is not a JSON object is a BadInput."""
-    with open(path, encoding="utf-8") as fh:
+    with open(path, "rb") as fh:
         for number, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
-                value = json.loads(line)
-            except json.JSONDecodeError as exc:
+                value = orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
                 raise BadInput(path, f"line {number} is not valid JSON ({exc.msg}); was the file cut short?") from None
             if not isinstance(value, dict):
                 raise BadInput(path, f"line {number} is not a JSON object")
@@ -99,8 +99,8 @@ def json_lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 def read_json(path: Path) -> dict[str, Any]:
     """A whole-file JSON object; invalid JSON is a BadInput naming the line."""
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+        value = orjson.loads(path.read_bytes())
+    except orjson.JSONDecodeError as exc:
         raise BadInput(path, f"line {exc.lineno} is not valid JSON ({exc.msg}); was the file cut short?") from None
     if not isinstance(value, dict):
         raise BadInput(path, "is not a JSON object")

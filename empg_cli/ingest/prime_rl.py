@@ -42,7 +42,9 @@ def trace_steps(trace: dict[str, Any], path: Path, line: int, tokens: list[int])
     spans: list[tuple[int, int]] = []  # where each node's root path lies in `tokens`
     steps = []
     for i, node in enumerate(nodes):
-        ids = need(node, "token_ids", path, line, "traces[].nodes[].")
+        ids = node.get("token_ids") if isinstance(node, dict) else None
+        if ids is None:
+            need(node, "token_ids", path, line, "traces[].nodes[].")
         parent = node.get("parent")
         if parent is None:
             start = len(tokens)
@@ -84,13 +86,14 @@ def read_file(path: Path, rows: dict[str, Any], tokens: list[int]) -> None:
                 continue
             rewards = [r for r in (trace.get("rewards") or {}).values() if r and r.get("score") is not None]
             reward = sum(float(r["score"]) * float(r.get("weight", 1.0)) for r in rewards)
-            for s, (base, start, end, logprobs) in enumerate(trace_steps(trace, path, line, tokens)):
-                rows["iteration"].append(iteration)
-                rows["group_id"].append(str(group))
-                rows["traj_id"].append(f"{episode.get('id', line)}/{t}")
-                rows["step"].append(s)
-                rows["reward"].append(reward)
-                rows["spans"].append((base, start, end))
+            steps = trace_steps(trace, path, line, tokens)
+            rows["iteration"] += [iteration] * len(steps)
+            rows["group_id"] += [str(group)] * len(steps)
+            rows["traj_id"] += [f"{episode.get('id', line)}/{t}"] * len(steps)
+            rows["step"] += range(len(steps))
+            rows["reward"] += [reward] * len(steps)
+            for base, start, end, logprobs in steps:
+                rows["spans"] += (base, start, end)
                 rows["logprobs"].add(logprobs)
 
 

@@ -38,16 +38,16 @@ def read_file(path: Path, rows: dict[str, list]) -> None:
         iteration = number_in(path, r"_step_(\d+)_epoch_\d+/[^/]+$")
     for trajectory in need(episode, "trajectories", path, 1):
         uid = need(trajectory, "uid", path, 1, "trajectories[].")
-        for s, step in enumerate(need(trajectory, "steps", path, 1, "trajectories[].")):
-            response = need(step, "model_response", path, 1, "trajectories[].steps[].")
-            rows["iteration"].append(iteration)
-            rows["group_id"].append(task_id)
-            rows["traj_id"].append(str(uid))
-            rows["step"].append(s)
+        steps = need(trajectory, "steps", path, 1, "trajectories[].")
+        for step in steps:
+            rows["response"].append(need(step, "model_response", path, 1, "trajectories[].steps[]."))
             rows["messages"].add(_prompt(need(step, "chat_completions", path, 1, "trajectories[].steps[].")))
-            rows["response"].append(response)
-            rows["reward"].append(trajectory.get("reward"))
             rows["step_reward"].append(step.get("reward"))
+        rows["iteration"] += [iteration] * len(steps)
+        rows["group_id"] += [task_id] * len(steps)
+        rows["traj_id"] += [str(uid)] * len(steps)
+        rows["step"] += range(len(steps))
+        rows["reward"] += [trajectory.get("reward")] * len(steps)
 
 
 def read(sources: Sequence[Path], options: Options) -> Converted:
