@@ -221,6 +221,8 @@ class MessageLists:
         self.offsets.append(len(self.roles))
 
     def series(self) -> pl.Series:
-        structs = pa.StructArray.from_arrays([pa.array(self.roles, pa.string()), pa.array(self.contents, pa.string())],
-                                             names=["role", "content"])
-        return pl.Series("messages", pa.ListArray.from_arrays(pa.array(self.offsets, pa.int32()), structs))
+        """Polars builds the string columns several times faster than `pa.array` does from Python strings."""
+        structs = pl.DataFrame({"role": self.roles, "content": self.contents},
+                               schema={"role": pl.String, "content": pl.String}).to_struct().to_arrow()
+        return pl.Series("messages", pa.LargeListArray.from_arrays(pa.array(np.asarray(self.offsets, np.int64)),
+                                                                   structs))
