@@ -181,12 +181,6 @@ def each_file(sources: Sequence[Path], pattern: str, read_file: Callable[[Path, 
 
 
 
-def arrow(values: np.ndarray) -> pa.Array:
-    """The numbers as an Arrow array, made by polars: `pa.array` imports pandas on first use (~0.3 s of CPU, a
-    sixth of a whole conversion)."""
-    return pl.Series(values).to_arrow()
-
-
 class TokenLists:
     """Many lists of numbers gathered as one flat list and offsets: building a list column this way is many times
     faster than from a list of Python lists."""
@@ -204,12 +198,12 @@ class TokenLists:
         self.offsets.append(len(self.values))
 
     def series(self, name: str, dtype: pl.DataType) -> pl.Series:
-        arrow_type, numpy_type = (pa.float32(), np.float32) if dtype == pl.Float32 else (pa.int32(), np.int32)
+        arrow_type = pa.float32() if dtype == pl.Float32 else pa.int32()
         mask = np.zeros(len(self.offsets) - 1, dtype=bool)
         mask[self.nulls] = True
-        lists = pa.LargeListArray.from_arrays(arrow(np.asarray(self.offsets, dtype=np.int64)),
-                                              arrow(np.asarray(self.values, dtype=numpy_type)),
-                                              mask=arrow(mask) if self.nulls else None)
+        lists = pa.LargeListArray.from_arrays(pa.array(np.asarray(self.offsets, dtype=np.int64)),
+                                              pa.array(np.asarray(self.values, dtype=arrow_type.to_pandas_dtype())),
+                                              mask=pa.array(mask) if self.nulls else None)
         return pl.Series(name, lists.cast(pa.list_(arrow_type)))
 
 
@@ -230,4 +224,5 @@ class MessageLists:
         """Polars builds the string columns several times faster than `pa.array` does from Python strings."""
         structs = pl.DataFrame({"role": self.roles, "content": self.contents},
                                schema={"role": pl.String, "content": pl.String}).to_struct().to_arrow()
-        return pl.Series("messages", pa.LargeListArray.from_arrays(arrow(np.asarray(self.offsets, np.int64)), structs))
+        return pl.Series("messages", pa.LargeListArray.from_arrays(pa.array(np.asarray(self.offsets, np.int64)),
+                                                                   structs))

@@ -26,7 +26,7 @@ import polars as pl
 import pyarrow as pa
 
 from ..errors import BadInput
-from .common import Converted, Options, TokenLists, arrow, json_lines, need, preferred_files, rollouts_frame
+from .common import Converted, Options, TokenLists, json_lines, need, preferred_files, rollouts_frame
 
 FIDELITY = "ids"
 PATTERN = "traces.jsonl"
@@ -102,7 +102,7 @@ def spans_to_lists(tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> 
     lengths = ends - starts
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     index = np.arange(offsets[-1]) - np.repeat(offsets[:-1] - starts, lengths)
-    return pl.Series(pa.LargeListArray.from_arrays(arrow(offsets), arrow(tokens[index])))
+    return pl.Series(pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(tokens[index])))
 
 
 def _in_train(subset: str):
