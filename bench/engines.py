@@ -2,7 +2,7 @@
 the same case in one run, and the time a resumed run saves after a kill -9.
 
     make bench-engines                          # = .venv/bin/python bench/engines.py: writes the "Engines" section
-                                                # of bench/RESULTS.md (about 8 minutes on 2 quiet cores)
+                                                # of bench/RESULTS.md (about 10 minutes on 2 quiet cores)
     .venv/bin/python bench/engines.py --quick   # a small case; prints the section only
 
 Throughput is response tokens per second of `score_file` end to end (read, plan, start the actors and load the
@@ -135,11 +135,11 @@ def write_section(text: str) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small case; print the section, write nothing")
-    parser.add_argument("--trajectories", type=int, default=None, help="case size (default 96, quick 8)")
+    parser.add_argument("--trajectories", type=int, default=None, help="case size (default 192, quick 8)")
     args = parser.parse_args()
     import ray
     torch.set_num_threads(1)  # the local engine on one thread, as each Ray worker
-    trajectories = args.trajectories or (8 if args.quick else 96)
+    trajectories = args.trajectories or (8 if args.quick else 192)
     info = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg())}
     with tempfile.TemporaryDirectory(prefix="empg-engines-") as tmp:
