@@ -159,8 +159,8 @@ def main() -> None:
     load_end = os.getloadavg()
     lines = ["## empg convert (bench/convert.py)", "",
              f"Each layout built at {steps:,} steps, converted once by `convert_file` (library) and once by "
-             "`empg convert` in a fresh process (imports included). Target: under 2 s per 100k steps. The 2 cores "
-             "were shared with other engineers' builds and tests while this ran: load average "
+             "`empg convert` in a fresh process (imports included). Target: under 2 s per 100k steps. Load average "
+             "(the 2 cores may be shared with other work) "
              f"{' '.join(f'{x:.2f}' for x in load_start)} at start, {' '.join(f'{x:.2f}' for x in load_end)} at end.",
              "", "With other processes competing for the cores, wall seconds overstate the cost; the command's CPU "
              "seconds (user + system, all its threads, about 0.9 s of it Python start-up and imports) are the figure "
