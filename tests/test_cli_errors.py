@@ -176,6 +176,29 @@ def test_pickle_weights_need_allow_pickle(tmp_path, capsys, tiny_model_dir):
     assert code == 0, err
 
 
+def test_remote_code_is_refused_with_its_own_hint(tmp_path, capsys, tiny_model_dir):
+    """A checkpoint that ships its own model code is refused without --trust-remote-code, the hint names that
+    flag (not --allow-pickle), and the checkpoint's code never runs."""
+    import json
+    import shutil
+    remote = tmp_path / "remote"
+    shutil.copytree(tiny_model_dir, remote)
+    marker = tmp_path / "code-ran"
+    for module, name in (("configuration_custom", "Qwen2Config as CustomConfig"),
+                         ("modeling_custom", "Qwen2ForCausalLM as CustomForCausalLM")):
+        (remote / f"{module}.py").write_text(f"open({str(marker)!r}, 'w').close()\nfrom transformers import {name}\n")
+    config = json.loads((remote / "config.json").read_text())
+    config["model_type"] = "custom-arch"  # an architecture transformers does not ship: only its own code loads it
+    config["auto_map"] = {"AutoConfig": "configuration_custom.CustomConfig",
+                          "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}
+    (remote / "config.json").write_text(json.dumps(config))
+    src = _write(tmp_path, rows=_rows())
+    code, _, err = run_cli(capsys, "score", src, "--model", remote)
+    assert code == 2 and err.startswith("error: cannot load model") and len(err.splitlines()) == 1, err
+    assert err.rstrip().endswith("pass --trust-remote-code if you trust it)") and "--allow-pickle" not in err, err
+    assert not marker.exists() and not (tmp_path / "runs.scored.parquet").exists()
+
+
 def test_text_input_needs_the_models_tokenizer(tmp_path, capsys, tiny_model_dir):
     import shutil
     bare = tmp_path / "bare"
