@@ -15,7 +15,8 @@ from typing import Sequence
 import polars as pl
 
 from ..errors import BadInput
-from .common import Converted, Options, each_file, first_null, number_in, rollouts_frame
+from ..validation import first_true
+from .common import Converted, Options, each_file, number_in, rollouts_frame
 
 FIDELITY = "messages"
 PATTERN = "*.parquet"
@@ -35,7 +36,7 @@ def read_file(path: Path, options: Options) -> pl.DataFrame:
     for name in FIELDS:
         if name not in raw.columns:
             raise BadInput(path, f"has no column '{name}' (ART's trajectory parquet has {', '.join(FIELDS)})")
-    row = first_null(raw["messages"])
+    row = first_true(raw["messages"].is_null())
     if row is not None:
         raise BadInput(path, "is null", column="messages", row=row)
     fields = raw.schema["messages"].inner

@@ -146,10 +146,6 @@ def need(record: dict[str, Any], key: str, path: Path, line: int, where: str = "
     return record[key]
 
 
-def first_null(series: pl.Series) -> int | None:
-    return first_true(series.is_null())
-
-
 def carried(frame: pl.DataFrame, produced: Sequence[str]) -> pl.DataFrame:
     """Source fields kept beside the rollouts columns; one whose name a rollouts column already takes is
     renamed `source_<name>`."""
