@@ -22,8 +22,12 @@ MIXED_RADIX_LIMIT = 2 ** 62
 """Keys with fewer combined values than this sort as one integer; more fall back to numpy's lexsort."""
 
 
-def trajectory_reward(reward_agg: str) -> pl.Expr:
-    """R_i: the trajectory's non-null rewards, which are equal (`equal`, validated on read) or summed (`sum`)."""
+def trajectory_reward(reward_agg: str, has_nulls: bool = True) -> pl.Expr:
+    """R_i: the trajectory's non-null rewards, which are equal (`equal`, validated on read) or summed (`sum`).
+
+    Equal rewards set on every step are R_i already, with no window."""
+    if reward_agg == "equal" and not has_nulls:
+        return pl.col("reward").cast(pl.Float64).alias("traj_reward")
     reward = pl.col("reward").sum() if reward_agg == "sum" else pl.col("reward").max()
     return reward.over(TRAJ).alias("traj_reward")
 
@@ -87,49 +91,85 @@ def aem_stages(cfg: AdvantageConfig) -> list[list[pl.Expr]]:
             [u_norm.alias("aem_u_norm")], [w.alias("aem_w")], [(pl.col("adv_base") * pl.col("aem_w")).alias("adv_aem")]]
 
 
-def _codes(steps: pl.DataFrame, columns: list[str]) -> np.ndarray:
-    """Each column as its dense rank 0..k-1, (N, len(columns)): equal values, equal codes, order kept.
+def _codes(column: pl.Series) -> np.ndarray:
+    """A key column as int64 codes 0..k-1: equal values, equal codes.
 
-    Ranks, not value - min: an int64 iteration from INT64_MIN to 0, or a uint64 one up to 2^64 - 1, has a range
-    that overflows int64 and would merge or split trajectories in the combined key.
+    Integers keep their order (step orders a trajectory): value - min when the span is small, else the dense rank
+    (an int64 from INT64_MIN to 0, or a uint64 up to 2^64 - 1, has a range that overflows int64). Text needs only
+    equality, so no string is ever sorted: _text_codes.
     """
-    return steps.select((pl.col(c).rank("dense") - 1).cast(pl.Int64) for c in columns).to_numpy()
+    if column.dtype == pl.String:
+        codes = _text_codes(column)
+    else:
+        low, high = column.min(), column.max()
+        codes = column - low if int(high) - int(low) < 2 ** 32 else column.rank("dense") - 1
+    return codes.cast(pl.Int64).to_numpy()
+
+
+def _text_codes(column: pl.Series) -> pl.Series:
+    """Codes of a text column by first appearance: the index of its run of equal values when no value has two
+    runs (ids logged block by block: one linear pass), else categorical codes of a fresh category set (a hash
+    table; the global one would keep every id of the process alive)."""
+    runs = column.rle_id()
+    if runs[-1] < len(column) // 2:  # blocks: worth checking that each value has a single run
+        index = runs.to_numpy()
+        firsts = column.filter(pl.Series(np.concatenate([[True], index[1:] != index[:-1]])))
+        if firsts.n_unique() == len(firsts):
+            return runs
+    return column.cast(pl.Categorical(pl.Categories.random())).to_physical()
 
 
 def trajectory_structure(steps: pl.DataFrame, batch: list[str]) -> pl.DataFrame:
     """Integer trajectory, group and batch ids and the row of each step's successor, in the frame's row order.
 
-    One argsort by (trajectory keys, step), on a single mixed-radix integer when it fits in 62 bits: sorting
-    10M rows by five columns costs ten times more.
+    Rows are ordered by (trajectory keys, step) through one argsort of a single mixed-radix integer when it fits
+    in 62 bits (sorting 10M rows by five columns costs ten times more), or none when the frame is in that order
+    already. Ids count from 0 in order of first appearance, and carry polars' sorted flag when the frame holds
+    each trajectory (group, batch) in one block, as logs do: windows over a sorted key take slices, not hashes.
     """
-    codes = _codes(steps, [*TRAJ_KEYS, "step"])
-    spans = codes.max(axis=0) + 1 if len(codes) else np.ones(codes.shape[1], dtype=np.int64)
-    if math.prod(int(x) for x in spans) < MIXED_RADIX_LIMIT:
-        radix = np.cumprod(np.concatenate([[1], spans[::-1][:-1]]))[::-1]  # weight of each column in the key
-        key = codes @ radix
-        order = np.argsort(key, kind="stable")
-        ranked = key[order]
+    n = steps.height
+    if n == 0:
+        return pl.DataFrame(schema={TRAJ: pl.Int64, GROUP: pl.Int64, NEXT: pl.Int64, BATCH: pl.Int64})
+    codes = [_codes(steps[c]) for c in [*TRAJ_KEYS, "step"]]
+    spans = [int(c.max()) + 1 for c in codes]
+    if math.prod(spans) < MIXED_RADIX_LIMIT:
+        prefixes = [codes[0]]  # key of the first j columns, j = 1..5
+        for code, span in zip(codes[1:], spans[1:]):
+            prefixes.append(prefixes[-1] * span + code)
+        key = prefixes[-1]
+        order = None if (key[1:] >= key[:-1]).all() else pl.Series(key).arg_sort().cast(pl.Int64).to_numpy()
 
-        def starts(j: int) -> np.ndarray:  # rows that begin a new value of the first j key columns
-            prefix = ranked // radix[j - 1]
+        def starts(j: int) -> np.ndarray:  # rows, in key order, that begin a new value of the first j key columns
+            prefix = prefixes[j - 1] if order is None else prefixes[j - 1][order]
             return np.concatenate([[True], prefix[1:] != prefix[:-1]])
     else:
-        order = np.lexsort(codes.T[::-1])
-        ranked = codes[order]
+        ranked = np.column_stack(codes)
+        order = np.lexsort(ranked.T[::-1])
+        ranked = ranked[order]
 
         def starts(j: int) -> np.ndarray:
             return np.concatenate([[True], (ranked[1:, :j] != ranked[:-1, :j]).any(axis=1)])
 
-    def scatter(sorted_values: np.ndarray) -> np.ndarray:  # back to the frame's row order
-        out = np.empty_like(sorted_values)
-        out[order] = sorted_values
-        return out
+    def ids(begins: np.ndarray) -> pl.Series:  # blocks in key order -> ids by first appearance, in row order
+        block = np.cumsum(begins) - 1
+        if order is None:
+            return pl.Series(block).set_sorted()
+        first_row = np.minimum.reduceat(order, np.flatnonzero(begins))
+        relabel = np.empty(len(first_row), dtype=np.int64)
+        relabel[np.argsort(first_row)] = np.arange(len(first_row))
+        out = np.empty(n, dtype=np.int64)
+        out[order] = relabel[block]
+        series = pl.Series(out)
+        return series.set_sorted() if (out[1:] >= out[:-1]).all() else series
 
     new_traj = starts(4)
-    columns = {TRAJ: scatter(np.cumsum(new_traj)), GROUP: scatter(np.cumsum(starts(3))),
-               NEXT: scatter(np.where(np.append(~new_traj[1:], False), np.append(order[1:], -1), -1))}
+    following = np.arange(1, n + 1) if order is None else np.append(order[1:], n)
+    successor = np.where(np.append(~new_traj[1:], False), following, -1)
+    if order is not None:
+        successor[order] = successor.copy()
+    columns = {TRAJ: ids(new_traj), GROUP: ids(starts(3)), NEXT: successor}
     if batch == TRAJ_KEYS[:len(batch)]:  # the default (run, iteration): a prefix of the sort key
-        return pl.DataFrame(columns | {BATCH: scatter(np.cumsum(starts(len(batch))))})
+        return pl.DataFrame(columns | {BATCH: ids(starts(len(batch)))})
     return pl.DataFrame(columns).with_columns(steps.select(pl.struct(batch).rank("dense").alias(BATCH)))
 
 
@@ -143,7 +183,7 @@ def advantage_table(steps: pl.DataFrame, cfg: AdvantageConfig, structure: pl.Dat
     if structure is None:
         structure = trajectory_structure(steps, list(cfg.batch_key))
     frame = (pl.concat([steps, structure], how="horizontal")
-             .with_columns(trajectory_reward(cfg.reward_agg))
+             .with_columns(trajectory_reward(cfg.reward_agg, steps["reward"].null_count() > 0))
              .with_columns(base_advantage(cfg.estimator)))
     for stage in empg_stages(cfg) + aem_stages(cfg):
         frame = frame.with_columns(stage)

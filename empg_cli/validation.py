@@ -15,7 +15,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .advantages import TRAJ as TRAJECTORY, trajectory_structure
+from .advantages import NEXT, TRAJ as TRAJECTORY, trajectory_structure
 from .config import AdvantageConfig
 from .errors import BadInput, BadUsage
 from .schema import TRAJ_KEYS, is_text
@@ -242,7 +242,7 @@ def checked_steps(data: pa.Table | pl.DataFrame, source: Any, advantages: Advant
     frame = key_frame(data, found, extra)
     values = {"reward": advantages.reward_agg, **({"advantage": None} if advantages.estimator == "column" else {})}
     structure = trajectory_structure(frame, list(advantages.batch_key)) if found.total == before else None
-    if structure is None or not _all_trajectories_valid(frame.with_columns(structure[TRAJECTORY]), values):
+    if structure is None or not _all_trajectories_valid(frame, structure, values):
         check_steps(frame, found)  # the detailed checks name every offending row
         for column, agg in values.items():
             check_value_per_trajectory(frame, found, column, agg)
@@ -251,19 +251,38 @@ def checked_steps(data: pa.Table | pl.DataFrame, source: Any, advantages: Advant
     return frame, structure
 
 
-def _all_trajectories_valid(frame: pl.DataFrame, values: dict[str, str | None]) -> bool:
-    """Whether check_steps and check_value_per_trajectory would both pass, from one group-by on the integer
-    trajectory id (a fraction of their cost on valid data): T distinct steps from 0 to T-1; finite values, at least
-    one per trajectory, equal unless summed (`values` maps each column to its reward_agg)."""
-    step = pl.col("step")
-    checks = [step.min() == 0, step.max() == pl.len() - 1, step.n_unique() == pl.len()]
-    for column, agg in values.items():
-        checks.append(pl.col(column).count() > 0)
-        if agg != "sum":
-            checks.append(pl.col(column).min() == pl.col(column).max())
+def _all_trajectories_valid(frame: pl.DataFrame, structure: pl.DataFrame, values: dict[str, str | None]) -> bool:
+    """Whether check_steps and check_value_per_trajectory would both pass, from the trajectory structure (a fraction
+    of their cost on valid data): T distinct steps from 0 to T-1; finite values, at least one per trajectory, equal
+    unless summed (`values` maps each column to its reward_agg).
+
+    Along each trajectory's successor links (structure's `_next`, steps in order) every step is its predecessor + 1
+    and the first is 0; a column without nulls is equal along the same links; one with nulls takes a group-by.
+    """
+    step = frame["step"].to_numpy()
+    successor = structure[NEXT].to_numpy()
+    linked = successor >= 0
+    first = np.ones(len(step), dtype=bool)
+    first[successor[linked]] = False
+    if not ((step[successor[linked]] == step[linked] + 1).all() and (step[first] == 0).all()):
+        return False
     finite = pl.all_horizontal((pl.col(c).is_finite() | pl.col(c).is_null()).all() for c in values)
-    per_trajectory = frame.group_by(TRAJECTORY).agg(pl.all_horizontal(checks).alias("ok"))
-    return bool(frame.select(finite).item()) and bool(per_trajectory["ok"].all())
+    if not frame.select(finite).item():
+        return False
+    grouped = []
+    for column, agg in values.items():
+        if frame[column].null_count() == 0:
+            value = frame[column].to_numpy()
+            if agg != "sum" and not (value[successor[linked]] == value[linked]).all():
+                return False
+        else:
+            grouped.append(pl.col(column).count() > 0)
+            if agg != "sum":
+                grouped.append(pl.col(column).min() == pl.col(column).max())
+    if not grouped:
+        return True
+    per_trajectory = frame.with_columns(structure[TRAJECTORY]).group_by(TRAJECTORY).agg(pl.all_horizontal(grouped))
+    return bool(per_trajectory.to_series(1).all())
 
 
 def check_step_entropy(entropy: pl.Series, problems: Problems) -> None:

@@ -31,8 +31,22 @@ BASE_AND_AEM_COLUMNS = ["traj_reward", "adv_base", "aem_u_norm", "aem_w", "adv_a
 
 # --- data ---------------------------------------------------------------------------------------
 
-def random_rollouts(seed: int, *, n_batches: int = 4, flat_batch: bool = True) -> list[dict]:
-    """Ragged step rows: several runs and iterations, groups of 1..5 trajectories of 1..6 steps, shuffled.
+LAYOUTS = ["shuffled", "log order", "trajectory blocks"]
+
+
+def arrange(rows: list[dict], layout: str, permutation) -> list[dict]:
+    """Rows (generated in log order: batch, group, trajectory, step) in one of the orders files come in: as
+    logged, whole trajectories in a shuffled order, or every row shuffled. `permutation(n)` shuffles range(n)."""
+    if layout == "log order":
+        return rows
+    if layout == "shuffled":
+        return [rows[i] for i in permutation(len(rows))]
+    trajectories = list(by_key(rows, lambda r: (*group_of(r), r["traj_id"])).values())
+    return [rows[i] for t in permutation(len(trajectories)) for i in trajectories[t]]
+
+
+def random_rollouts(seed: int, *, n_batches: int = 4, flat_batch: bool = True, layout: str = "shuffled") -> list[dict]:
+    """Ragged step rows: several runs and iterations, groups of 1..5 trajectories of 1..6 steps, in `layout`.
 
     Group and trajectory ids repeat across batches and groups (keys must be composite); rewards sit on every
     step of some trajectories and on the last step only of others; entropies have ties, and one batch is flat.
@@ -54,8 +68,7 @@ def random_rollouts(seed: int, *, n_batches: int = 4, flat_batch: bool = True) -
                     rows.append({"run": run, "iteration": iteration, "group_id": f"g{g}", "traj_id": f"t{t}",
                                  "step": step, "reward": None if last_only and step < length - 1 else reward,
                                  "step_entropy": entropy, "advantage": advantage, "shard": rng.choice("ab")})
-    rng.shuffle(rows)
-    return rows
+    return arrange(rows, layout, lambda n: rng.sample(range(n), n))
 
 
 @st.composite
@@ -76,8 +89,7 @@ def rollouts(draw: st.DrawFn, *, flat_entropy: bool = False, max_batches: int = 
                                  "step": step, "reward": None if last_only and step < length - 1 else r,
                                  "step_entropy": batch_entropy if flat_entropy else draw(entropy),
                                  "advantage": 0.0, "shard": "a"})
-    order = draw(st.permutations(range(len(rows))))
-    return [rows[i] for i in order]
+    return arrange(rows, draw(st.sampled_from(LAYOUTS)), lambda n: draw(st.permutations(range(n))))
 
 
 def frame(rows: list[dict]) -> pl.DataFrame:
@@ -158,12 +170,13 @@ def test_f_next_matches_reference(k_future: float, seed: int) -> None:
     assert_matches_reference(random_rollouts(seed), ["empg_f_next"], k_future=k_future)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("empg_norm", ["mean", "meanstd"])
 @pytest.mark.parametrize("reward_agg", ["equal", "sum"])
 @pytest.mark.parametrize("estimator", ESTIMATORS)
-def test_all_columns_match_reference(estimator: str, reward_agg: str, empg_norm: str) -> None:
+def test_all_columns_match_reference(estimator: str, reward_agg: str, empg_norm: str, layout: str) -> None:
     for seed in range(3):
-        rows = random_rollouts(seed)
+        rows = random_rollouts(seed, layout=layout)
         assert_matches_reference(rows, ADVANTAGE_COLUMNS, estimator=estimator, reward_agg=reward_agg,
                                  empg_norm=empg_norm)
         assert_matches_reference(rows, ADVANTAGE_COLUMNS, estimator=estimator, reward_agg=reward_agg,
@@ -401,3 +414,50 @@ def test_aem_flat_group_threshold(delta: float, spread: float, flat: bool) -> No
     else:  # u_norm = 0 and 1: w = exp(-u) / mean(1, e^-1)
         mean_scale = (1.0 + math.exp(-1.0)) / 2.0
         assert w == pytest.approx([1.0 / mean_scale, math.exp(-1.0) / mean_scale], abs=1e-12)
+
+
+# --- trajectory structure ------------------------------------------------------------------------
+
+@settings(max_examples=200, deadline=None)
+@given(values=st.lists(st.sampled_from(["a", "b", "", "é", "a "]), min_size=1, max_size=40),
+       blocks=st.booleans())
+def test_text_codes_are_equal_exactly_for_equal_text(values, blocks) -> None:
+    """Both ways of coding ids (runs of a blocked column, categories of a mixed one): dense codes 0..k-1 in order
+    of first appearance, equal codes for equal text and only for it."""
+    from empg_cli.advantages import _text_codes
+    if blocks:
+        values = sorted(values)
+    codes = _text_codes(pl.Series(values, dtype=pl.String)).to_list()
+    first_seen = list(dict.fromkeys(values))
+    assert codes == [first_seen.index(v) for v in values]
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data(), layout=st.sampled_from(LAYOUTS), wide=st.booleans())
+def test_trajectory_structure_equals_a_dictionary_walk(data, layout, wide) -> None:
+    """Trajectory, group and batch ids numbered by first appearance, each step's successor row, and polars' sorted
+    flag exactly when the ids never decrease down the frame; keys that repeat across groups and batches, and
+    iterations too far apart for value - min (wide)."""
+    from empg_cli.advantages import BATCH, GROUP, NEXT, TRAJ, trajectory_structure
+    iterations = [-2 ** 63, 0, 2 ** 62] if wide else [0, 1, 7]
+    rows = []
+    for run, iteration in data.draw(st.lists(st.tuples(st.sampled_from("xy"), st.sampled_from(iterations)),
+                                             min_size=1, max_size=3, unique=True)):
+        for g in range(data.draw(st.integers(1, 3))):
+            for t in range(data.draw(st.integers(1, 3))):
+                rows += [{"run": run, "iteration": iteration, "group_id": f"g{g}", "traj_id": f"t{t}", "step": s}
+                         for s in range(data.draw(st.integers(1, 4)))]
+    rows = arrange(rows, layout, lambda n: data.draw(st.permutations(range(n))))
+    out = trajectory_structure(pl.DataFrame(rows), ["run", "iteration"])
+
+    def first_appearance(key) -> list[int]:
+        numbers: dict = {}
+        return [numbers.setdefault(key(r), len(numbers)) for r in rows]
+    assert out[BATCH].to_list() == first_appearance(batch_of)
+    assert out[GROUP].to_list() == first_appearance(group_of)
+    assert out[TRAJ].to_list() == first_appearance(lambda r: (*group_of(r), r["traj_id"]))
+    where = {(*group_of(r), r["traj_id"], r["step"]): i for i, r in enumerate(rows)}
+    assert out[NEXT].to_list() == [where.get((*group_of(r), r["traj_id"], r["step"] + 1), -1) for r in rows]
+    for name in (TRAJ, GROUP, BATCH):
+        ids = out[name].to_list()
+        assert out[name].flags["SORTED_ASC"] == (ids == sorted(ids)), name

@@ -221,22 +221,31 @@ def test_audit_of_a_frame_equals_audit_of_its_file(tmp_path, capsys):
 @settings(max_examples=150, deadline=None)
 @given(steps=st.lists(st.tuples(st.sampled_from("ab"), st.sampled_from("xy"), st.integers(-1, 3),
                                 st.sampled_from([0.0, 1.0, None, math.nan, math.inf])), min_size=1, max_size=12),
-       reward_agg=st.sampled_from(["equal", "sum"]), column=st.booleans())
-def test_the_one_group_by_check_agrees_with_the_detailed_checks(steps, reward_agg, column) -> None:
+       reward_agg=st.sampled_from(["equal", "sum"]), column=st.booleans(), tidy=st.booleans())
+def test_the_one_group_by_check_agrees_with_the_detailed_checks(steps, reward_agg, column, tidy) -> None:
     """Valid keys skip the detailed checks (validation._all_trajectories_valid); it must accept exactly what they
-    accept, or a bad file would pass, or a good one be refused."""
+    accept, or a bad file would pass, or a good one be refused. `tidy` numbers each trajectory's steps 0, 1, ...
+    in row order and keeps only rewards 0 and 1 (no nulls: a column without them takes another path), so that
+    rewards differing within a valid trajectory are common."""
+    if tidy:
+        seen: dict[tuple, int] = {}
+        renumbered = []
+        for g, t, _, r in steps:
+            renumbered.append((g, t, seen.get((g, t), 0), float(r == 1.0)))
+            seen[(g, t)] = seen.get((g, t), 0) + 1
+        steps = renumbered
     from empg_cli import validation
-    from empg_cli.advantages import TRAJ, trajectory_structure
+    from empg_cli.advantages import trajectory_structure
     frame = pl.DataFrame({"group_id": [g for g, _, _, _ in steps], "traj_id": [t for _, t, _, _ in steps],
                           "step": [s for _, _, s, _ in steps], "reward": [r for _, _, _, r in steps]},
                          schema={"group_id": pl.String, "traj_id": pl.String, "step": pl.Int64, "reward": pl.Float64})
     frame = frame.with_columns(advantage=pl.col("reward"))
     problems = validation.Problems("frame")
     keys = validation.key_frame(frame.to_arrow(), problems, ())
-    ids = trajectory_structure(keys, ["run", "iteration"])[TRAJ]
+    structure = trajectory_structure(keys, ["run", "iteration"])
     values = {"reward": reward_agg, **({"advantage": None} if column else {})}
     validation.check_steps(keys, problems)
     for name, agg in values.items():
         validation.check_value_per_trajectory(keys, problems, name, agg)
     detailed = problems.total == 0
-    assert validation._all_trajectories_valid(keys.with_columns(ids), values) == detailed
+    assert validation._all_trajectories_valid(keys, structure, values) == detailed
