@@ -81,10 +81,10 @@ def row_costs(rollouts: Rollouts, rows_per_chunk: int) -> np.ndarray:
 
 
 def plan_chunks(steps: pl.DataFrame, costs: np.ndarray, done: np.ndarray,
-                budget: Callable[[], int]) -> Iterator[np.ndarray]:
+                budget: Callable[[int], int]) -> Iterator[np.ndarray]:
     """Input rows of each chunk (ascending): whole trajectories not yet done, in the order their last row appears in
-    the file, at most `budget()` tokens (asked afresh for every chunk) and MAX_CHUNK_STEPS steps, one trajectory at
-    least."""
+    the file, at most `budget(left)` tokens (asked afresh for every chunk, `left` the tokens not yet planned) and
+    MAX_CHUNK_STEPS steps, one trajectory at least."""
     trajs = (steps.select(TRAJ_KEYS + [ROW]).with_columns(cost=pl.Series(costs), done=pl.Series(done))
              .group_by(TRAJ_KEYS).agg(pl.col(ROW), pl.col(ROW).max().alias("last"), pl.col("cost").sum(),
                                        pl.len().alias("n"), pl.col("done").all())
@@ -93,7 +93,7 @@ def plan_chunks(steps: pl.DataFrame, costs: np.ndarray, done: np.ndarray,
     i = 0
     while i < trajs.height:
         before_cost, before_n = (cost[i - 1], n[i - 1]) if i else (0, 0)
-        j = min(np.searchsorted(cost, before_cost + budget(), side="right"),
+        j = min(np.searchsorted(cost, before_cost + budget(int(cost[-1] - before_cost)), side="right"),
                 np.searchsorted(n, before_n + MAX_CHUNK_STEPS, side="right"))
         j = max(int(j), i + 1)
         yield np.sort(trajs[ROW].slice(i, j - i).explode().to_numpy())

@@ -19,7 +19,7 @@ def run_local(job: Job, rollouts: Rollouts, work: WorkFolder, progress, *, chunk
     next one is sized from the measured tokens per second to take COMMIT_SECONDS."""
     checkpoints = Checkpoints(job.cfg, progress.note)
     budget = chunk_tokens or job.cfg.batch_tokens
-    chunks = plan_chunks(job.steps, job.costs, job.done, lambda: budget)
+    chunks = plan_chunks(job.steps, job.costs, job.done, lambda left: budget)
     for rows, table in stream_rows(rollouts, job.source.columns, chunks, job.done, rows_per_chunk):
         started, loading = time.perf_counter(), checkpoints.load_seconds
         work.commit(score_chunk(job.keys(rows), table, job.source, job.refs, checkpoints, job.cfg,

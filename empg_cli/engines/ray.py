@@ -1,7 +1,8 @@
 """The Ray engine: chunks scored on a Ray Data actor pool, each actor loading the policy once.
 
 `map_batches` with a callable class and `ActorPoolStrategy(size=workers)`: one chunk per call, one GPU per actor on a
-GPU cluster, one CPU otherwise. Actors read their chunk's rows from the input file themselves (on a cluster the input
+GPU cluster, one CPU otherwise. Chunks shrink as the job goes (guided self-scheduling) and an actor takes the next
+one only when it is free, so the actors finish together. Actors read their chunk's rows from the input file themselves (on a cluster the input
 and the checkpoints must be at the same path on every node, as for the trainer that wrote them); the driver commits
 each result to the work folder as it arrives, in whatever order the actors finish.
 """
@@ -28,8 +29,11 @@ from . import Job
 
 CHUNK_TOKENS = 1 << 19
 """Tokens per chunk at most: about 10 s of a 1.5B policy on one current GPU."""
-CHUNKS_PER_WORKER = 4
-"""Smaller chunks when a job is small: at least this many per worker, so that it still spreads evenly."""
+SHARES_PER_WORKER = 2
+"""Guided self-scheduling: each chunk holds at most 1 / (SHARES_PER_WORKER * workers) of the tokens not yet
+planned, so chunks shrink towards the end of the job and the workers finish together."""
+ONE_AT_A_TIME = dict(max_tasks_in_flight_per_actor=1)
+"""No chunk waits in a busy actor's queue while another actor is idle: each takes its next chunk when it is done."""
 ERROR = "_error"
 """The one column of a worker's reply when its chunk is bad input (a pickled EmpgError)."""
 INSTALL_HINT = "--engine ray needs Ray: pip install 'empg[ray]'"
@@ -115,10 +119,11 @@ def run_ray(job: Job, work: WorkFolder, progress, *, workers: int | None, addres
     with _cluster(ray, address), _quiet_logs():
         gpus = int(ray.cluster_resources().get("GPU", 0)) if job.cfg.device in ("auto", "cuda") else 0
         workers = workers or gpus or 1
-        if chunk_tokens is None:
-            left = int(job.costs[~job.done].sum())
-            chunk_tokens = max(job.cfg.batch_tokens, min(CHUNK_TOKENS, left // (CHUNKS_PER_WORKER * workers)))
-        chunks = list(plan_chunks(job.steps, job.costs, job.done, lambda: chunk_tokens))
+
+        def budget(left: int) -> int:
+            guided = max(job.cfg.batch_tokens, min(CHUNK_TOKENS, left // (SHARES_PER_WORKER * workers)))
+            return chunk_tokens or guided
+        chunks = list(plan_chunks(job.steps, job.costs, job.done, budget))
         if not chunks:
             return
         workers = min(workers, len(chunks))
@@ -129,7 +134,7 @@ def run_ray(job: Job, work: WorkFolder, progress, *, workers: int | None, addres
                                       override_num_blocks=len(chunks))
         resources = dict(num_gpus=1) if gpus else dict(num_cpus=1)
         scored = dataset.map_batches(ChunkScorer, batch_size=1, batch_format="pyarrow",
-                                     compute=ray.data.ActorPoolStrategy(size=workers),
+                                     compute=ray.data.ActorPoolStrategy(size=workers, **ONE_AT_A_TIME),
                                      fn_constructor_kwargs=dict(source=job.source, refs=job.refs, cfg=job.cfg,
                                                                 threads=None if gpus else 1), **resources)
         try:
