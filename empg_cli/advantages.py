@@ -1,7 +1,8 @@
 """Base advantage, EMPG (arXiv 2509.09265) and AEM (arXiv 2605.00425) as polars expressions (docs/method.md).
 
-Everything is a window over explicit keys, so the result does not depend on row order. Each stage reads only
-columns written by earlier stages: polars evaluates a window nested in another window inside the outer
+Everything is a window over explicit keys, so the result does not depend on row order; the windows run over
+integer ids on the rows in key order, where each trajectory, group and batch is one block of rows. Each stage reads
+only columns written by earlier stages: polars evaluates a window nested in another window inside the outer
 partition, which is both wrong (a batch minimum taken inside a trajectory) and slow.
 """
 
@@ -16,8 +17,10 @@ from .config import EPS_RANGE, EPS_STD, AdvantageConfig
 from .schema import TRAJ_KEYS
 ADVANTAGE_COLUMNS = ["traj_reward", "adv_base", "empg_h_norm", "empg_g", "empg_f_next", "adv_empg",
                      "aem_u_norm", "aem_w", "adv_aem"]
-# integer ids of a step's trajectory, group and batch (one hash of the string keys instead of one per window)
+# integer ids of a step's trajectory, group and batch (numbered along key order) and the row of its successor
 TRAJ, GROUP, BATCH, NEXT = "_traj", "_group", "_batch", "_next"
+KEY_ORDER = "_key_order"
+"""The frame's row at each position of key order (trajectory keys, then step)."""
 MIXED_RADIX_LIMIT = 2 ** 62
 """Keys with fewer combined values than this sort as one integer; more fall back to numpy's lexsort."""
 
@@ -55,12 +58,13 @@ def base_advantage(estimator: str) -> pl.Expr:
 
 
 def empg_stages(cfg: AdvantageConfig) -> list[list[pl.Expr]]:
-    """EMPG per step, normalised over the batch B (docs/method.md, EMPG); `_next` is the row of step t+1 (-1 at the last)."""
+    """EMPG per step, normalised over the batch B (docs/method.md, EMPG), on rows in key order: step t+1 is the next
+    row where `_next` >= 0 (-1 at a trajectory's last step)."""
     h = pl.col("step_entropy")
     h_norm = (h - h.min().over(BATCH)) / (h.max().over(BATCH) - h.min().over(BATCH) + EPS_RANGE)
     scale = (-cfg.k * pl.col("empg_h_norm")).exp()
     g = scale / scale.mean().over(BATCH)                      # self-calibrating: mean_B g = 1
-    h_norm_next = pl.when(pl.col(NEXT) >= 0).then(pl.col("empg_h_norm").gather(pl.col(NEXT).clip(lower_bound=0)))
+    h_norm_next = pl.when(pl.col(NEXT) >= 0).then(pl.col("empg_h_norm").shift(-1))
     f_next = (-cfg.k_future * h_norm_next).exp().fill_null(0.0)  # 0 at the trajectory's last step
     a_mod = pl.col("adv_base") * pl.col("empg_g") + cfg.zeta * pl.col("empg_f_next")
     a_empg = pl.col("_a_mod") - pl.col("_a_mod").mean().over(BATCH)
@@ -120,16 +124,17 @@ def _text_codes(column: pl.Series) -> pl.Series:
 
 
 def trajectory_structure(steps: pl.DataFrame, batch: list[str]) -> pl.DataFrame:
-    """Integer trajectory, group and batch ids and the row of each step's successor, in the frame's row order.
+    """Integer trajectory, group and batch ids and the row of each step's successor, in the frame's row order, and
+    the frame's rows in key order (`_key_order`: trajectory keys, then step).
 
-    Rows are ordered by (trajectory keys, step) through one argsort of a single mixed-radix integer when it fits
-    in 62 bits (sorting 10M rows by five columns costs ten times more), or none when the frame is in that order
-    already. Ids count from 0 in order of first appearance, and carry polars' sorted flag when the frame holds
-    each trajectory (group, batch) in one block, as logs do: windows over a sorted key take slices, not hashes.
+    Key order comes from one argsort of a single mixed-radix integer when it fits in 62 bits (sorting 10M rows by
+    five columns costs ten times more), or from none when the frame is in key order already: codes count by first
+    appearance, so a file logged trajectory by trajectory is. Ids number the blocks of key order, so they increase
+    down the rows of key order.
     """
     n = steps.height
     if n == 0:
-        return pl.DataFrame(schema={TRAJ: pl.Int64, GROUP: pl.Int64, NEXT: pl.Int64, BATCH: pl.Int64})
+        return pl.DataFrame(schema={c: pl.Int64 for c in (TRAJ, GROUP, NEXT, BATCH, KEY_ORDER)})
     codes = [_codes(steps[c]) for c in [*TRAJ_KEYS, "step"]]
     spans = [int(c.max()) + 1 for c in codes]
     if math.prod(spans) < MIXED_RADIX_LIMIT:
@@ -137,10 +142,10 @@ def trajectory_structure(steps: pl.DataFrame, batch: list[str]) -> pl.DataFrame:
         for code, span in zip(codes[1:], spans[1:]):
             prefixes.append(prefixes[-1] * span + code)
         key = prefixes[-1]
-        order = None if (key[1:] >= key[:-1]).all() else pl.Series(key).arg_sort().cast(pl.Int64).to_numpy()
+        order = np.arange(n) if (key[1:] >= key[:-1]).all() else pl.Series(key).arg_sort().cast(pl.Int64).to_numpy()
 
         def starts(j: int) -> np.ndarray:  # rows, in key order, that begin a new value of the first j key columns
-            prefix = prefixes[j - 1] if order is None else prefixes[j - 1][order]
+            prefix = prefixes[j - 1][order]
             return np.concatenate([[True], prefix[1:] != prefix[:-1]])
     else:
         ranked = np.column_stack(codes)
@@ -150,26 +155,17 @@ def trajectory_structure(steps: pl.DataFrame, batch: list[str]) -> pl.DataFrame:
         def starts(j: int) -> np.ndarray:
             return np.concatenate([[True], (ranked[1:, :j] != ranked[:-1, :j]).any(axis=1)])
 
-    def ids(begins: np.ndarray) -> pl.Series:  # blocks in key order -> ids by first appearance, in row order
-        block = np.cumsum(begins) - 1
-        if order is None:
-            return pl.Series(block).set_sorted()
-        first_row = np.minimum.reduceat(order, np.flatnonzero(begins))
-        relabel = np.empty(len(first_row), dtype=np.int64)
-        relabel[np.argsort(first_row)] = np.arange(len(first_row))
+    def in_row_order(values: np.ndarray) -> np.ndarray:
         out = np.empty(n, dtype=np.int64)
-        out[order] = relabel[block]
-        series = pl.Series(out)
-        return series.set_sorted() if (out[1:] >= out[:-1]).all() else series
+        out[order] = values
+        return out
 
     new_traj = starts(4)
-    following = np.arange(1, n + 1) if order is None else np.append(order[1:], n)
-    successor = np.where(np.append(~new_traj[1:], False), following, -1)
-    if order is not None:
-        successor[order] = successor.copy()
-    columns = {TRAJ: ids(new_traj), GROUP: ids(starts(3)), NEXT: successor}
+    columns = {TRAJ: in_row_order(np.cumsum(new_traj) - 1), GROUP: in_row_order(np.cumsum(starts(3)) - 1),
+               NEXT: in_row_order(np.where(np.append(~new_traj[1:], False), np.append(order[1:], -1), -1)),
+               KEY_ORDER: order}
     if batch == TRAJ_KEYS[:len(batch)]:  # the default (run, iteration): a prefix of the sort key
-        return pl.DataFrame(columns | {BATCH: ids(starts(len(batch)))})
+        return pl.DataFrame(columns | {BATCH: in_row_order(np.cumsum(starts(len(batch))) - 1)})
     return pl.DataFrame(columns).with_columns(steps.select(pl.struct(batch).rank("dense").alias(BATCH)))
 
 
@@ -179,12 +175,26 @@ def advantage_table(steps: pl.DataFrame, cfg: AdvantageConfig, structure: pl.Dat
     `steps` has the trajectory keys, `step`, `reward`, `step_entropy`, the batch-key columns and, for
     `--estimator column`, `advantage`, validated beforehand (validation.check_keys). `structure` is
     trajectory_structure(steps, batch key) when the caller has it already (validation.checked_steps computes it).
+    The stages run on the rows in key order, where the ids carry polars' sorted flag: a window over a sorted key
+    takes slices instead of hashing, and a step's successor is the next row.
     """
     if structure is None:
         structure = trajectory_structure(steps, list(cfg.batch_key))
-    frame = (pl.concat([steps, structure], how="horizontal")
+    order = structure[KEY_ORDER].to_numpy()
+    shuffled = not np.array_equal(order, np.arange(len(order)))
+    used = [c for c in ("step", "reward", "step_entropy", "advantage") if c in steps.columns]
+    frame = pl.concat([steps.select(used), structure.drop(KEY_ORDER)], how="horizontal")
+    if shuffled:
+        frame = frame[order]
+    contiguous = [TRAJ, GROUP, *([BATCH] if list(cfg.batch_key) == TRAJ_KEYS[:len(cfg.batch_key)] else [])]
+    frame = (frame.with_columns(pl.col(c).set_sorted() for c in contiguous)
              .with_columns(trajectory_reward(cfg.reward_agg, steps["reward"].null_count() > 0))
              .with_columns(base_advantage(cfg.estimator)))
     for stage in empg_stages(cfg) + aem_stages(cfg):
         frame = frame.with_columns(stage)
-    return frame.select(ADVANTAGE_COLUMNS)
+    table = frame.select(ADVANTAGE_COLUMNS)
+    if not shuffled:
+        return table
+    row_order = np.empty_like(order)
+    row_order[order] = np.arange(len(order))
+    return table[row_order]

@@ -435,10 +435,10 @@ def test_text_codes_are_equal_exactly_for_equal_text(values, blocks) -> None:
 @settings(max_examples=150, deadline=None)
 @given(data=st.data(), layout=st.sampled_from(LAYOUTS), wide=st.booleans())
 def test_trajectory_structure_equals_a_dictionary_walk(data, layout, wide) -> None:
-    """Trajectory, group and batch ids numbered by first appearance, each step's successor row, and polars' sorted
-    flag exactly when the ids never decrease down the frame; keys that repeat across groups and batches, and
-    iterations too far apart for value - min (wide)."""
-    from empg_cli.advantages import BATCH, GROUP, NEXT, TRAJ, trajectory_structure
+    """Equal trajectory (group, batch) ids exactly for equal keys, increasing along key order; key order holds each
+    trajectory in one block, steps ascending; each step's successor row. Keys repeat across groups and batches; `wide`
+    iterations are too far apart for value - min."""
+    from empg_cli.advantages import BATCH, GROUP, KEY_ORDER, NEXT, TRAJ, trajectory_structure
     iterations = [-2 ** 63, 0, 2 ** 62] if wide else [0, 1, 7]
     rows = []
     for run, iteration in data.draw(st.lists(st.tuples(st.sampled_from("xy"), st.sampled_from(iterations)),
@@ -449,15 +449,18 @@ def test_trajectory_structure_equals_a_dictionary_walk(data, layout, wide) -> No
                          for s in range(data.draw(st.integers(1, 4)))]
     rows = arrange(rows, layout, lambda n: data.draw(st.permutations(range(n))))
     out = trajectory_structure(pl.DataFrame(rows), ["run", "iteration"])
-
-    def first_appearance(key) -> list[int]:
-        numbers: dict = {}
-        return [numbers.setdefault(key(r), len(numbers)) for r in rows]
-    assert out[BATCH].to_list() == first_appearance(batch_of)
-    assert out[GROUP].to_list() == first_appearance(group_of)
-    assert out[TRAJ].to_list() == first_appearance(lambda r: (*group_of(r), r["traj_id"]))
-    where = {(*group_of(r), r["traj_id"], r["step"]): i for i, r in enumerate(rows)}
-    assert out[NEXT].to_list() == [where.get((*group_of(r), r["traj_id"], r["step"] + 1), -1) for r in rows]
-    for name in (TRAJ, GROUP, BATCH):
+    traj_of = lambda r: (*group_of(r), r["traj_id"])  # noqa: E731
+    order = out[KEY_ORDER].to_list()
+    assert sorted(order) == list(range(len(rows)))
+    along = [rows[i] for i in order]
+    blocks = [traj_of(r) for k, r in enumerate(along) if k == 0 or traj_of(r) != traj_of(along[k - 1])]
+    assert len(blocks) == len(set(blocks))
+    assert all(b["step"] == a["step"] + 1 for a, b in zip(along, along[1:]) if traj_of(a) == traj_of(b))
+    for name, key in ((TRAJ, traj_of), (GROUP, group_of), (BATCH, batch_of)):
         ids = out[name].to_list()
-        assert out[name].flags["SORTED_ASC"] == (ids == sorted(ids)), name
+        assert len(set(ids)) == len({key(r) for r in rows}), name
+        assert all((ids[i] == ids[j]) == (key(rows[i]) == key(rows[j])) for i in range(len(rows))
+                   for j in range(len(rows))), name
+        assert [ids[i] for i in order] == sorted(ids), name
+    where = {(*traj_of(r), r["step"]): i for i, r in enumerate(rows)}
+    assert out[NEXT].to_list() == [where.get((*traj_of(r), r["step"] + 1), -1) for r in rows]
