@@ -23,7 +23,7 @@ from .errors import BadInput
 from .rollouts import InputFiles, open_parquet
 from .schema import TRAJ_KEYS, is_text
 from .sequences import TokenRows, check_vocabulary, plan_units, token_rows
-from .validation import ROW
+from .validation import ROW, Problems
 
 if TYPE_CHECKING:
     from .rollouts import Rollouts
@@ -201,8 +201,10 @@ def score_chunk(keys: pl.DataFrame, table: pa.Table, source: Source, refs: dict[
         part = table.take(pa.array(local))
         prompts = token_rows(part, source.input_column, policy.tokenizer, source.path)
         responses = token_rows(part, source.output_column, policy.tokenizer, source.path)
-        check_vocabulary(prompts, policy.vocab_size, source.path, source.input_column, rows)
-        check_vocabulary(responses, policy.vocab_size, source.path, source.output_column, rows)
+        outside = Problems(source.path)
+        check_vocabulary(prompts, policy.vocab_size, outside, source.input_column, rows)
+        check_vocabulary(responses, policy.vocab_size, outside, source.output_column, rows)
+        outside.raise_if_any()
         _check_logged_lengths(source.path, part, responses, rows)
         trajectories = (subset.with_columns(pl.int_range(pl.len()).alias("_at")).sort([*TRAJ_KEYS, "step"])
                         .group_by(TRAJ_KEYS, maintain_order=True).agg("_at")["_at"].to_list())

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .errors import BadInput, ModelLoadError
+from .validation import Problems
 
 
 @dataclass(frozen=True)
@@ -65,13 +66,14 @@ def token_rows(table: pa.Table, column: str, tokenizer: Any, path: Path) -> Toke
     return TokenRows.from_lists(tokenizer(array.to_pylist(), add_special_tokens=False)["input_ids"])
 
 
-def check_vocabulary(tokens: TokenRows, vocab_size: int, path: Path, column: str, row_ids: np.ndarray) -> None:
-    """Every id is in [0, vocab_size); `row_ids` maps token rows to file rows for the message."""
-    bad = np.flatnonzero((tokens.values < 0) | (tokens.values >= vocab_size))
-    if bad.size:
-        row = int(row_ids[np.searchsorted(tokens.offsets, bad[0], side="right") - 1])
-        raise BadInput(path, f"token id {tokens.values[bad[0]]} is outside the model's vocabulary "
-                             f"(0..{vocab_size - 1})", column=column, row=row)
+def check_vocabulary(tokens: TokenRows, vocab_size: int, problems: Problems, column: str,
+                     row_ids: np.ndarray) -> None:
+    """Every id is in [0, vocab_size): each row holding one outside is a problem, its first such id shown;
+    `row_ids` maps token rows to file rows for the message."""
+    outside = np.flatnonzero((tokens.values < 0) | (tokens.values >= vocab_size))
+    token_rows_hit, first = np.unique(np.searchsorted(tokens.offsets, outside, side="right") - 1, return_index=True)
+    problems.add_rows(column, row_ids[token_rows_hit], lambda k: f"token id {tokens.values[outside[first[k]]]} is "
+                                                                 f"outside the model's vocabulary (0..{vocab_size - 1})")
 
 
 @dataclass(frozen=True)

@@ -111,6 +111,22 @@ def test_bad_input_is_one_error_line_and_loses_nothing(tmp_path, capsys, tiny_mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs.parquet"]
 
 
+def test_every_token_id_outside_the_vocabulary_is_listed(tmp_path, capsys, tiny_model_dir):
+    """Each row holding an id outside the model's vocabulary is named, in both id columns, not only the first."""
+    rows = _rows(prompt_ids=[[5, 6, 7], [5, 6, 7, 8, 9, 10], [5, 400], [5, 6, 11, 12]],
+                 response_ids=[[8, 99999, 320], [11], [11], [13, 330]])
+    src = _write(tmp_path, rows=rows)
+    code, _, err = run_cli(capsys, "score", src, "--model", tiny_model_dir)
+    assert code == 2 and err.startswith("error: ") and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 3, err
+    for fragment in ("column 'prompt_ids', row 2: token id 400 is outside",
+                     "column 'response_ids', row 0: token id 99999 is outside",
+                     "column 'response_ids', row 3: token id 330 is outside"):
+        assert sum(fragment in line for line in lines) == 1, (fragment, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs.parquet"]
+
+
 USAGE = [
     (["--k", "-1"], "--k must be >= 0; got -1.0"),
     (["--k-future", "-0.5"], "--k-future must be >= 0"),
