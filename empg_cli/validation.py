@@ -13,12 +13,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from .advantages import NEXT, TRAJ as TRAJECTORY, trajectory_structure
 from .config import AdvantageConfig
 from .errors import BadInput, BadUsage
-from .schema import TRAJ_KEYS, is_text
+from .schema import TRAJ_KEYS
 
 ROW = "_row"  # 0-based row index of the input; every error message counts rows this way
 LIMIT = 20
@@ -164,57 +163,53 @@ def check_value_per_trajectory(frame: pl.DataFrame, problems: Problems, column: 
                          column=column, trajectory=describe_trajectory(bad), row=bad[ROW])
 
 
-def _flagged(array: pa.ChunkedArray | pa.Array, wrong: np.ndarray, offset: int) -> tuple[np.ndarray, list]:
-    """Rows (from `offset`) holding a flagged list element, each once and in order, and each one's first such value."""
-    parents = pc.list_parent_indices(array).to_numpy(zero_copy_only=False)[wrong]
-    rows, first = np.unique(parents, return_index=True)
-    values = pc.list_flatten(array).filter(pa.array(wrong)).take(pa.array(first)).to_pylist()
-    return offset + rows, values
+def _flagged(lists: pl.Series, wrong: Callable[[pl.Expr], pl.Expr], offset: int) -> tuple[np.ndarray, list]:
+    """Rows (from `offset`) holding an element for which `wrong` is true, and each one's first such element."""
+    rows = lists.list.eval(wrong(pl.element())).list.any().fill_null(False).arg_true()
+    first = lists.gather(rows).list.eval(pl.element().filter(wrong(pl.element()))).list.first()
+    return offset + rows.to_numpy(), first.to_list()
 
 
 def check_list_or_text(array: pa.ChunkedArray | pa.Array, column: str, offset: int, problems: Problems) -> None:
     """A prompt or response column (rows from `offset`): set and non-empty on every row; token ids in
-    [0, 2^31) with no null among them; every message with a role and content."""
-    nulls = np.flatnonzero(array.is_null().to_numpy(zero_copy_only=False))
-    problems.add_rows(column, offset + nulls, lambda k: "is null")
-    lengths = pc.utf8_length(array) if is_text(array.type) else pc.list_value_length(array)
-    empty = np.flatnonzero(pc.fill_null(pc.equal(lengths, 0), False).to_numpy(zero_copy_only=False))
-    problems.add_rows(column, offset + empty, lambda k: "is empty; every step needs at least one token here")
-    if is_text(array.type):
+    [0, 2^31) with no null among them; every message with a role and content. (In polars: pyarrow's compute
+    functions import pandas, ~0.3 s, on first use.)"""
+    values = pl.Series(pl.from_arrow(array))
+    problems.add_rows(column, offset + values.is_null().arg_true().to_numpy(), lambda k: "is null")
+    lengths = values.str.len_bytes() if values.dtype == pl.String else values.list.len()
+    problems.add_rows(column, offset + (lengths == 0).fill_null(False).arg_true().to_numpy(),
+                      lambda k: "is empty; every step needs at least one token here")
+    if values.dtype == pl.String:
         return
-    flat = pc.list_flatten(array)
     if column == "messages":
         for part in ("role", "content"):
-            rows, _ = _flagged(array, pc.is_null(pc.struct_field(flat, part)).to_numpy(zero_copy_only=False), offset)
+            rows, _ = _flagged(values, lambda m, part=part: m.struct.field(part).is_null(), offset)
             problems.add_rows(column, rows, lambda k, part=part: f"a message has a null {part}")
         return
-    rows, _ = _flagged(array, flat.is_null().to_numpy(zero_copy_only=False), offset)
+    rows, _ = _flagged(values, lambda t: t.is_null(), offset)
     problems.add_rows(column, rows, lambda k: "a token id is null")
-    ids = pc.fill_null(flat, 0)
-    rows, values = _flagged(array, pc.or_(pc.less(ids, 0), pc.greater(ids, MAX_TOKEN_ID))
-                            .to_numpy(zero_copy_only=False), offset)
-    problems.add_rows(column, rows, lambda k: f"token id {values[k]} is negative or too large (ids are 0..2^31-1)")
+    rows, first = _flagged(values, lambda t: (t < 0) | (t > MAX_TOKEN_ID), offset)
+    problems.add_rows(column, rows, lambda k: f"token id {first[k]} is negative or too large (ids are 0..2^31-1)")
 
 
 def check_token_entropy(array: pa.ChunkedArray | pa.Array, offset: int, problems: Problems, *, required: bool,
                         response_ids: pa.ChunkedArray | pa.Array | None = None) -> None:
     """Logged entropies (rows from `offset`): each finite and >= 0 (nats), one per response token when
     response_ids say how many; on every row when `required` (--entropy-source logged)."""
-    lengths = pc.list_value_length(array)
+    values = pl.Series(pl.from_arrow(array))
+    lengths = values.list.len()
     if required:
-        absent = np.flatnonzero(pc.fill_null(pc.equal(lengths, 0), True).to_numpy(zero_copy_only=False))
+        absent = (lengths == 0).fill_null(True).arg_true().to_numpy()
         problems.add_rows("token_entropy", offset + absent,
                           lambda k: "has no entropies on this row; --entropy-source logged needs them on every row")
-    values = pc.list_flatten(array).to_numpy(zero_copy_only=False).astype(np.float64)  # a null element is NaN
-    rows, first = _flagged(array, ~np.isfinite(values) | (values < 0), offset)
+    rows, first = _flagged(values, lambda h: (~(h.is_finite() & (h >= 0))).fill_null(True), offset)
     problems.add_rows("token_entropy", rows,
                       lambda k: f"entropy {'null' if first[k] is None else first[k]} is not a finite number >= 0 (nats)")
     if response_ids is not None:
-        n_ids = pc.list_value_length(response_ids)
-        differ = np.flatnonzero(pc.fill_null(pc.not_equal(lengths, n_ids), False).to_numpy(zero_copy_only=False))
+        n_ids = pl.Series(pl.from_arrow(response_ids)).list.len()
+        differ = (lengths != n_ids).fill_null(False).arg_true().to_numpy()
         problems.add_rows("token_entropy", offset + differ,
                           lambda k: f"has {lengths[int(differ[k])]} entropies for {n_ids[int(differ[k])]} response_ids")
-
 
 
 def check_keys(data: pa.Table | pl.DataFrame, source: Any, advantages: AdvantageConfig,

@@ -14,95 +14,186 @@ node's masked-in tokens, its prompt every token of its path before them: the ids
 Given a folder, the `train/effective` traces are read (what the trainer admitted into its batches), else
 `train/all` (every completed episode, failures and rejected work included); name a traces.jsonl file to read
 another.
+
+Episodes are read in chunks: Python only pulls each node's fields out of the parsed JSON; the checks, the
+root-to-node paths and the gathering of ids run in numpy over all nodes of the chunk at once.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
 
 from ..errors import BadInput
-from .common import Converted, Options, TokenLists, json_lines, need, preferred_files, rollouts_frame
+from .common import (Converted, Options, arrow, gather_spans, json_lines, list_series, need, parsed_objects_kept,
+                     preferred_files, rollouts_frame)
 
 FIDELITY = "ids"
 PATTERN = "traces.jsonl"
 SUBSETS = ("effective", "all")
 """Which `train/` subset a folder is read from, first found first."""
+CHUNK = 2048
+"""Episodes walked at once: numpy's per-call cost is paid per chunk, memory is that of one chunk."""
+NODE = "traces[].nodes[]."
 
 
-def trace_steps(trace: dict[str, Any], path: Path, line: int, tokens: list[int]) -> list[tuple]:
-    """Append the trace's node paths to `tokens` (a branch copies its parent's path, a chain just extends it); for
-    each sampled node, return (path start, response start, response end, logprobs): its prompt is
-    tokens[path start:response start]."""
-    nodes = need(trace, "nodes", path, line, "traces[].")
-    spans: list[tuple[int, int]] = []  # where each node's root path lies in `tokens`
-    steps = []
-    for i, node in enumerate(nodes):
-        ids = node.get("token_ids") if isinstance(node, dict) else None
-        if ids is None:
-            need(node, "token_ids", path, line, "traces[].nodes[].")
-        parent = node.get("parent")
-        if parent is None:
-            start = len(tokens)
-        elif isinstance(parent, int) and 0 <= parent < i:
-            start, end = spans[parent]
-            if end != len(tokens):  # a branch: copy its parent's path to the end
-                tokens.extend(tokens[start:end])
-                start = len(tokens) - (end - start)
-        else:
-            raise BadInput(path, f"line {line} has a node whose parent {parent!r} is not an earlier node")
-        own = len(tokens)
-        tokens.extend(ids)
-        spans.append((start, len(tokens)))
-        mask = node.get("mask")
-        if mask is None:
-            mask = [bool(node.get("sampled"))] * len(ids)
-        if len(mask) != len(ids):
-            raise BadInput(path, f"line {line} has a node with {len(ids)} token_ids and {len(mask)} mask entries")
-        if node.get("sampled") and True in mask:  # the model's tokens: the masked-in run
-            first, last = mask.index(True), len(mask) - 1 - mask[::-1].index(True)
-            if not all(mask[first:last + 1]):
-                raise BadInput(path, f"line {line} has a sampled node whose masked-in tokens are not contiguous")
-            logprobs = node.get("logprobs") or None
-            if logprobs is not None and len(logprobs) != last - first + 1:
-                raise BadInput(path, f"line {line} has a node with {last - first + 1} sampled tokens and "
-                                     f"{len(logprobs)} logprobs")
-            steps.append((start, own + first, own + last + 1, logprobs))
-    return steps
+@dataclass
+class Traces:
+    """The trainable traces of a chunk of episodes: one entry per trace, their nodes flat in order."""
+
+    lines: list[int] = field(default_factory=list)
+    iterations: list[Any] = field(default_factory=list)
+    groups: list[str] = field(default_factory=list)
+    traj_ids: list[str] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
+    nodes: list[Any] = field(default_factory=list)
+    problem: BadInput | None = None
+    """An episode-level problem met while gathering: it stops the chunk, and is raised unless a node before it has
+    one (problems are raised in file order)."""
 
 
-def read_file(path: Path, rows: dict[str, Any], tokens: list[int]) -> None:
-    """Append the steps of every episode in the file to `rows`, their path tokens to `tokens`."""
-    for line, episode in json_lines(path):
-        group = need(need(episode, "group", path, line), "id", path, line, "group.")
-        iteration = need(need(need(episode, "run", path, line), "work", path, line, "run."), "step", path, line,
-                         "run.work.")
-        for t, trace in enumerate(need(episode, "traces", path, line)):
-            if (trace.get("agent") or {}).get("trainable") is False:
-                continue
-            rewards = [r for r in (trace.get("rewards") or {}).values() if r and r.get("score") is not None]
-            reward = sum(float(r["score"]) * float(r.get("weight", 1.0)) for r in rewards)
-            steps = trace_steps(trace, path, line, tokens)
-            rows["iteration"] += [iteration] * len(steps)
-            rows["group_id"] += [str(group)] * len(steps)
-            rows["traj_id"] += [f"{episode.get('id', line)}/{t}"] * len(steps)
-            rows["step"] += range(len(steps))
-            rows["reward"] += [reward] * len(steps)
-            for base, start, end, logprobs in steps:
-                rows["spans"] += (base, start, end)
-                rows["logprobs"].add(logprobs)
+def gather(path: Path, episodes: Sequence[tuple[int, dict[str, Any]]]) -> Traces:
+    """Each trainable trace of the episodes: its line, keys, reward Σ score · weight and nodes."""
+    traces = Traces()
+    try:
+        for line, episode in episodes:
+            group = need(need(episode, "group", path, line), "id", path, line, "group.")
+            iteration = need(need(need(episode, "run", path, line), "work", path, line, "run."), "step", path, line,
+                             "run.work.")
+            for t, trace in enumerate(need(episode, "traces", path, line)):
+                if (trace.get("agent") or {}).get("trainable") is False:
+                    continue
+                rewards = [r for r in (trace.get("rewards") or {}).values() if r and r.get("score") is not None]
+                nodes = need(trace, "nodes", path, line, "traces[].")
+                traces.lines.append(line)
+                traces.iterations.append(iteration)
+                traces.groups.append(str(group))
+                traces.traj_ids.append(f"{episode.get('id', line)}/{t}")
+                traces.rewards.append(sum(float(r["score"]) * float(r.get("weight", 1.0)) for r in rewards))
+                traces.sizes.append(len(nodes))
+                traces.nodes.extend(nodes)
+    except BadInput as problem:
+        traces.problem = problem
+    return traces
 
 
-def spans_to_lists(tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> pl.Series:
-    """tokens[starts[i]:ends[i]] for every i, as one list column, gathered at once."""
-    lengths = ends - starts
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    index = np.arange(offsets[-1]) - np.repeat(offsets[:-1] - starts, lengths)
-    return pl.Series(pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(tokens[index])))
+def _masked_run(mask: list) -> tuple[int, int, int]:
+    """(first, last, count) of a node mask's true entries; (0, -1, 0) when it has none."""
+    if True not in mask:
+        return 0, -1, 0
+    return mask.index(True), len(mask) - 1 - mask[::-1].index(True), mask.count(True)
+
+
+def _first_problem(path: Path, line: np.ndarray, checks: list[tuple[np.ndarray, Any]]) -> BadInput | None:
+    """The problem of the first node flagged by any check (at one node, the first check): `checks` pairs a flag per
+    node with a function of the node's index that says what is wrong."""
+    flagged = [(int(np.argmax(flags)), order) for order, (flags, _) in enumerate(checks) if flags.any()]
+    if not flagged:
+        return None
+    node, order = min(flagged)
+    return BadInput(path, f"line {line[node]} {checks[order][1](node)}")
+
+
+def chunk_steps(path: Path, traces: Traces) -> pl.DataFrame:
+    """The steps of the traces (one row per sampled node with masked-in tokens), every node checked first."""
+    nodes = [n if isinstance(n, dict) else {} for n in traces.nodes]
+    count = len(nodes)
+    ids, masks, parents = ([n.get(k) for n in nodes] for k in ("token_ids", "mask", "parent"))
+    logprobs = [n.get("logprobs") or None for n in nodes]
+    sizes = np.asarray(traces.sizes, np.int64)
+    trace_start = np.repeat(np.cumsum(sizes) - sizes, sizes)                 # each node's trace's first node
+    local = np.arange(count) - trace_start                                   # index within its trace
+    root = np.array([p is None for p in parents], bool)
+    parent = np.array([p if isinstance(p, int) else -1 for p in parents], np.int64)
+    lengths = [0 if x is None else len(x) for x in ids]
+    n_ids = np.array(lengths, np.int64)
+    n_mask = np.array([n if m is None else len(m) for m, n in zip(masks, lengths)], np.int64)
+    n_logprobs = np.array([-1 if lp is None else len(lp) for lp in logprobs], np.int64)
+
+    # A sampled node's masked-in run [first, last] and its number of masked-in tokens; without a mask, all tokens.
+    first, last, hits = np.zeros(count, np.int64), np.full(count, -1), np.zeros(count, np.int64)
+    sampled = np.flatnonzero([bool(n.get("sampled")) for n in nodes])
+    runs = [(0, lengths[k] - 1, lengths[k]) if masks[k] is None else _masked_run(masks[k]) for k in sampled]
+    first[sampled], last[sampled], hits[sampled] = np.array(runs, np.int64).reshape(-1, 3).T
+    is_step = hits > 0
+    problem = _first_problem(path, np.repeat(np.asarray(traces.lines, np.int64), sizes), [
+        (np.array([x is None for x in ids], bool), lambda k: f"has no field '{NODE}token_ids'"),
+        (~root & ((parent < 0) | (parent >= local)),
+         lambda k: f"has a node whose parent {parents[k]!r} is not an earlier node"),
+        (n_mask != n_ids, lambda k: f"has a node with {n_ids[k]} token_ids and {n_mask[k]} mask entries"),
+        (is_step & (hits != last - first + 1), lambda k: "has a sampled node whose masked-in tokens are not contiguous"),
+        (is_step & (n_logprobs >= 0) & (n_logprobs != last - first + 1),
+         lambda k: f"has a node with {last[k] - first[k] + 1} sampled tokens and {n_logprobs[k]} logprobs")])
+    if problem or traces.problem:
+        raise problem or traces.problem
+
+    steps = np.flatnonzero(is_step)
+    up = np.where(root, -1, trace_start + parent)                             # each node's parent, -1 at a root
+    # Root-to-node paths, climbed from every step's node at once: each ancestor adds its whole node as a segment
+    # of the step's prompt, then the step's own node adds its tokens before the masked-in run.
+    seg_step, seg_node, seg_depth = [np.arange(len(steps))], [steps], [np.full(len(steps), -1)]
+    climbing, node = np.arange(len(steps)), up[steps]
+    while len(node):
+        alive = node >= 0
+        climbing, node = climbing[alive], node[alive]
+        seg_step.append(climbing), seg_node.append(node), seg_depth.append(np.full(len(node), len(seg_depth) - 1))
+        node = up[node]
+    step_of, node_of, depth = map(np.concatenate, (seg_step, seg_node, seg_depth))
+    order = np.lexsort((-depth, step_of))                                     # by step, root first, own node last
+    step_of, node_of, depth = step_of[order], node_of[order], depth[order]
+    seg_length = np.where(depth < 0, first[node_of], n_ids[node_of])
+    offset = np.concatenate([[0], np.cumsum(n_ids)])                          # each node's ids in `tokens`
+    tokens = arrow(np.fromiter(chain.from_iterable(ids), np.int32, int(offset[-1])))
+    response_length = last[steps] - first[steps] + 1
+    step_logprobs = [logprobs[k] for k in steps]
+
+    trace_of = np.repeat(np.arange(len(sizes)), sizes)[steps]
+    per_trace = pl.DataFrame({"iteration": traces.iterations, "group_id": traces.groups,
+                              "traj_id": traces.traj_ids, "reward": traces.rewards})
+    return per_trace.select(pl.all().gather(trace_of)).with_columns(
+        step=np.arange(len(steps)) - np.searchsorted(trace_of, trace_of),    # rank within its trace
+        prompt_ids=list_series(np.bincount(step_of, seg_length, len(steps)).astype(np.int64),
+                               gather_spans(tokens, offset[node_of], seg_length)),
+        response_ids=list_series(response_length, gather_spans(tokens, offset[steps] + first[steps],
+                                                                response_length)),
+        logprobs=list_series(np.maximum(n_logprobs[steps], 0), arrow(np.fromiter(
+            chain.from_iterable(lp for lp in step_logprobs if lp is not None), np.float32)),
+            nulls=n_logprobs[steps] < 0))
+
+
+def next_chunk(path: Path, episodes: Iterator[tuple[int, dict[str, Any]]]) -> pl.DataFrame | None:
+    """The steps of the next CHUNK episodes (None after the last); the parsed episodes die with this call."""
+    chunk: list[tuple[int, dict[str, Any]]] = []
+    unreadable = None
+    try:
+        for episode in episodes:
+            chunk.append(episode)
+            if len(chunk) == CHUNK:
+                break
+    except BadInput as problem:  # a line that is not JSON: the lines before it are checked first
+        unreadable = problem
+    if not chunk and unreadable is None:
+        return None
+    traces = gather(path, chunk)
+    traces.problem = traces.problem or unreadable
+    return chunk_steps(path, traces)
+
+
+def read_file(path: Path) -> Iterator[pl.DataFrame]:
+    """The steps of every episode in the file, CHUNK episodes at a time."""
+    episodes = json_lines(path)
+    while True:
+        with parsed_objects_kept():
+            frame = next_chunk(path, episodes)
+        if frame is None:
+            return
+        yield frame
 
 
 def _in_train(subset: str):
@@ -110,14 +201,10 @@ def _in_train(subset: str):
 
 
 def read(sources: Sequence[Path], options: Options) -> Converted:
-    rows: dict[str, Any] = {k: [] for k in ("iteration", "group_id", "traj_id", "step", "reward", "spans")}
-    rows["logprobs"], tokens = TokenLists(), []
-    for path in preferred_files(sources, PATTERN, *map(_in_train, SUBSETS)):
-        read_file(path, rows, tokens)
-    if not rows["step"]:
+    frames = [frame for path in preferred_files(sources, PATTERN, *map(_in_train, SUBSETS))
+              for frame in read_file(path)]
+    frame = pl.concat(frames, how="vertical_relaxed") if frames else pl.DataFrame()
+    if frame.height == 0:
         raise BadInput(sources[0], "has no sampled tokens in any trace")
-    flat = np.asarray(tokens, dtype=np.int32)
-    base, start, end = np.asarray(rows.pop("spans"), dtype=np.int64).reshape(-1, 3).T
-    rows["prompt_ids"], rows["response_ids"] = spans_to_lists(flat, base, start), spans_to_lists(flat, start, end)
-    logprobs = rows.pop("logprobs").series("logprobs", pl.Float32)
-    return Converted(rollouts_frame(rows, pl.DataFrame([logprobs]), options.run), FIDELITY)
+    logprobs = frame.select("logprobs")
+    return Converted(rollouts_frame(frame.drop("logprobs").to_dict(), logprobs, options.run), FIDELITY)
