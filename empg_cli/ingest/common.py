@@ -219,15 +219,16 @@ class MessageLists:
     def __init__(self) -> None:
         self.roles: list[str] = []
         self.contents: list[str] = []
-        self.offsets: list[int] = [0]
+        self.lengths: list[int] = []
 
-    def add(self, messages: list[dict[str, Any]]) -> None:
-        self.roles.extend([m.get("role") for m in messages])
-        self.contents.extend([m.get("content") or "" for m in messages])
-        self.offsets.append(len(self.roles))
+    def add(self, conversations: list[list[dict[str, Any]]]) -> None:
+        """Take the role and content of every message (strings: holding them costs the garbage collector nothing)."""
+        self.roles += [m.get("role") for messages in conversations for m in messages]
+        self.contents += [m.get("content") or "" for messages in conversations for m in messages]
+        self.lengths += map(len, conversations)
 
     def series(self) -> pl.Series:
         """Polars builds the string columns several times faster than `pa.array` does from Python strings."""
         structs = pl.DataFrame({"role": self.roles, "content": self.contents},
                                schema={"role": pl.String, "content": pl.String}).to_struct().to_arrow()
-        return pl.Series("messages", pa.LargeListArray.from_arrays(arrow(np.asarray(self.offsets, np.int64)), structs))
+        return list_series(np.array(self.lengths, np.int64), structs).alias("messages")

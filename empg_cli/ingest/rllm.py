@@ -39,10 +39,15 @@ def read_file(path: Path, rows: dict[str, list]) -> None:
     for trajectory in need(episode, "trajectories", path, 1):
         uid = need(trajectory, "uid", path, 1, "trajectories[].")
         steps = need(trajectory, "steps", path, 1, "trajectories[].")
-        for step in steps:
-            rows["response"].append(need(step, "model_response", path, 1, "trajectories[].steps[]."))
-            rows["messages"].add(_prompt(need(step, "chat_completions", path, 1, "trajectories[].steps[].")))
-            rows["step_reward"].append(step.get("reward"))
+        responses = [s.get("model_response") if isinstance(s, dict) else None for s in steps]
+        chats = [s.get("chat_completions") if isinstance(s, dict) else None for s in steps]
+        if None in responses or None in chats:  # name the first step's first missing field
+            for step in steps:
+                need(step, "model_response", path, 1, "trajectories[].steps[].")
+                need(step, "chat_completions", path, 1, "trajectories[].steps[].")
+        rows["response"] += responses
+        rows["messages"].add([_prompt(chat) for chat in chats])
+        rows["step_reward"] += [s.get("reward") for s in steps]
         rows["iteration"] += [iteration] * len(steps)
         rows["group_id"] += [task_id] * len(steps)
         rows["traj_id"] += [str(uid)] * len(steps)
