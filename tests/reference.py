@@ -229,3 +229,32 @@ def advantages_ref(rows: Sequence[dict], *, estimator: str = "grpo", reward_agg:
     return [{"traj_reward": r_of[traj_key[i]], "adv_base": a_of[traj_key[i]], "empg_h_norm": h_norm[i],
              "empg_g": g[i], "empg_f_next": f_next[i], "adv_empg": a_empg[i], "aem_u_norm": u_norm[i],
              "aem_w": w[i], "adv_aem": a_of[traj_key[i]] * w[i]} for i in range(n_rows)]
+
+
+def prime_steps_ref(episodes: Sequence[dict]) -> list[dict]:
+    """prime-rl traces walked node by node: each sampled node with masked-in tokens is a step of its trace, its
+    prompt every id on its root-to-node path before its first masked-in token, its response the masked-in run."""
+    steps = []
+    for episode in episodes:
+        for t, trace in enumerate(episode["traces"]):
+            if (trace.get("agent") or {}).get("trainable") is False:
+                continue
+            nodes = trace["nodes"]
+
+            def path(i: int) -> list[int]:
+                parent = nodes[i]["parent"]
+                return (path(parent) if parent is not None else []) + list(nodes[i]["token_ids"])
+
+            index = 0
+            for i, node in enumerate(nodes):
+                mask = node.get("mask") or [bool(node.get("sampled"))] * len(node["token_ids"])
+                marked = [j for j, m in enumerate(mask) if m]
+                if not node.get("sampled") or not marked:
+                    continue
+                own = len(path(i)) - len(node["token_ids"])
+                steps.append({"traj_id": f"{episode['id']}/{t}", "step": index,
+                              "prompt_ids": path(i)[:own + marked[0]],
+                              "response_ids": list(node["token_ids"][marked[0]:marked[-1] + 1]),
+                              "logprobs": node.get("logprobs") or None})
+                index += 1
+    return steps

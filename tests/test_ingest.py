@@ -9,9 +9,13 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from empg_cli.cli import main
-from empg_cli.ingest import convert, convert_file
+from empg_cli.errors import BadInput
+from empg_cli.ingest import convert, convert_file, prime_rl
+from empg_cli.ingest.common import Options
+from reference import prime_steps_ref
 from ingest_layouts import (prime_episode, prime_node, prime_trace, verl_rows, write_areal, write_art, write_prime,
                             write_rllm, write_trl, write_verl)
 
@@ -268,3 +272,59 @@ def test_detection_looks_past_other_logs_beside_the_dump(tmp_path):
     (tmp_path / "log" / "stats.jsonl").write_text('{"step": 1, "loss": 0.5}\n')   # the trainer's metrics
     write_areal(tmp_path / "log", 1, 3, [{"reward": 1.0, "prompt": "p", "completion": "c"}])
     assert convert_file(tmp_path / "log", tmp_path / "out.parquet").format == "areal"
+
+
+@st.composite
+def prime_forests(draw):
+    """Episodes whose traces are random forests of nodes (roots, chains and branches), some nodes sampled with a
+    masked-in run somewhere inside their ids, some with no logprobs."""
+    episodes = []
+    for e in range(draw(st.integers(1, 6))):
+        traces = []
+        for _ in range(draw(st.integers(0, 3))):
+            nodes = []
+            for i in range(draw(st.integers(1, 8))):
+                ids = draw(st.lists(st.integers(0, 50), min_size=0, max_size=5))
+                lead = draw(st.integers(0, len(ids)))
+                run = draw(st.integers(0, len(ids) - lead))
+                node = prime_node(draw(st.one_of(st.none(), st.integers(0, i - 1))) if i else None, ids)
+                node.update(sampled=draw(st.booleans()), mask=[lead <= j < lead + run for j in range(len(ids))],
+                            logprobs=draw(st.sampled_from([[-0.25] * run, []])))
+                nodes.append(node)
+            traces.append({"nodes": nodes, "rewards": {}, "agent": {"trainable": draw(st.booleans())}})
+        episodes.append(prime_episode(f"e{e}", "g", 0, traces))
+    return episodes
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(prime_forests(), st.integers(1, 4))
+def test_prime_rl_paths_match_a_node_by_node_walk(tmp_path_factory, monkeypatch, episodes, chunk):
+    """The numpy walk over chunks of episodes gives every step the prompt and response of the recursive walk."""
+    monkeypatch.setattr(prime_rl, "CHUNK", chunk)
+    expected = prime_steps_ref(episodes)
+    path = write_prime(tmp_path_factory.mktemp("p"), 0, episodes)
+    if not expected:
+        with pytest.raises(BadInput, match="no sampled tokens"):
+            prime_rl.read([path], Options())
+        return
+    frame = prime_rl.read([path], Options()).frame
+    assert frame.select("traj_id", "step", "prompt_ids", "response_ids", "logprobs").to_dicts() == [
+        {**row, "logprobs": None if row["logprobs"] is None else pytest.approx(row["logprobs"])} for row in expected]
+
+
+def test_prime_rl_names_the_first_broken_line_across_chunks(tmp_path, monkeypatch):
+    """Nodes are checked a chunk of episodes at a time, yet the error is the first in file order: a bad parent on
+    line 2 is named before the truncated line 3, and before a missing field later in the same chunk."""
+    monkeypatch.setattr(prime_rl, "CHUNK", 2)
+    good = prime_episode("a", "g", 0, [prime_trace([([1], [2])], {})])
+    bad = prime_episode("b", "g", 0, [prime_trace([([1], [2])], {})])
+    bad["traces"][0]["nodes"][1]["parent"] = 5
+    path = write_prime(tmp_path, 0, [good, bad, {"id": "c"}])
+    with pytest.raises(BadInput, match="line 2 has a node whose parent 5 is not an earlier node"):
+        convert(path)
+    path.write_text(path.read_text()[:-10])                            # line 3 cut short
+    with pytest.raises(BadInput, match="line 2 has a node whose parent 5"):
+        convert(path)
+    path.write_text("\n".join([json.dumps(good), json.dumps({"id": "c"}), json.dumps(bad)]) + "\n")
+    with pytest.raises(BadInput, match="line 2 has no field 'group'"):
+        convert(path)
