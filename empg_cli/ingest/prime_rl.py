@@ -149,7 +149,7 @@ def chunk_steps(path: Path, traces: Traces) -> pl.DataFrame:
     step_of, node_of, depth = step_of[order], node_of[order], depth[order]
     seg_length = np.where(depth < 0, first[node_of], n_ids[node_of])
     offset = np.concatenate([[0], np.cumsum(n_ids)])                          # each node's ids in `tokens`
-    tokens = arrow(np.fromiter(chain.from_iterable(ids), np.int32, int(offset[-1])))
+    tokens = np.fromiter(chain.from_iterable(ids), np.int32, int(offset[-1]))
     response_length = last[steps] - first[steps] + 1
     step_logprobs = [logprobs[k] for k in steps]
 
@@ -159,9 +159,9 @@ def chunk_steps(path: Path, traces: Traces) -> pl.DataFrame:
     return per_trace.select(pl.all().gather(trace_of)).with_columns(
         step=np.arange(len(steps)) - np.searchsorted(trace_of, trace_of),    # rank within its trace
         prompt_ids=list_series(np.bincount(step_of, seg_length, len(steps)).astype(np.int64),
-                               gather_spans(tokens, offset[node_of], seg_length)),
-        response_ids=list_series(response_length, gather_spans(tokens, offset[steps] + first[steps],
-                                                                response_length)),
+                               arrow(gather_spans(tokens, offset[node_of], seg_length))),
+        response_ids=list_series(response_length, arrow(gather_spans(tokens, offset[steps] + first[steps],
+                                                                      response_length))),
         logprobs=list_series(np.maximum(n_logprobs[steps], 0), arrow(np.fromiter(
             chain.from_iterable(lp for lp in step_logprobs if lp is not None), np.float32)),
             nulls=n_logprobs[steps] < 0))
