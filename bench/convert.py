@@ -163,7 +163,7 @@ def main() -> None:
              "(the 2 cores may be shared with other work) "
              f"{' '.join(f'{x:.2f}' for x in load_start)} at start, {' '.join(f'{x:.2f}' for x in load_end)} at end.",
              "", "With other processes competing for the cores, wall seconds overstate the cost; the command's CPU "
-             "seconds (user + system, all its threads, about 0.9 s of it Python start-up and imports) are the figure "
+             "seconds (user + system, all its threads, about 0.6 s of it Python start-up and imports) are the figure "
              "that load changes least, and the one checked against the target.", "",
              "| format | steps | fidelity | library wall s | command wall s | command CPU s | CPU s per 100k steps "
              "| target < 2 s |", "|---|---|---|---|---|---|---|---|"]
