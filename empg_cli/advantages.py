@@ -123,14 +123,20 @@ def _text_codes(column: pl.Series) -> pl.Series:
     return column.cast(pl.Categorical(pl.Categories.random())).to_physical()
 
 
+def batch_is_key_prefix(batch: list[str]) -> bool:
+    """Whether the batch key leads the trajectory keys (the default, run and iteration): then each batch is one
+    block of key order, and its ids are numbered along it."""
+    return batch == TRAJ_KEYS[:len(batch)]
+
+
 def trajectory_structure(steps: pl.DataFrame, batch: list[str]) -> pl.DataFrame:
     """Integer trajectory, group and batch ids and the row of each step's successor, in the frame's row order, and
     the frame's rows in key order (`_key_order`: trajectory keys, then step).
 
     Key order comes from one argsort of a single mixed-radix integer when it fits in 62 bits (sorting 10M rows by
-    five columns costs ten times more), or from none when the frame is in key order already: codes count by first
-    appearance, so a file logged trajectory by trajectory is. Ids number the blocks of key order, so they increase
-    down the rows of key order.
+    five columns costs ten times more), or from none when the frame is in key order already: text codes count by
+    first appearance and integers by value, so a file logged trajectory by trajectory, iterations ascending, is.
+    Ids number the blocks of key order, so they increase down the rows of key order.
     """
     n = steps.height
     if n == 0:
@@ -164,7 +170,7 @@ def trajectory_structure(steps: pl.DataFrame, batch: list[str]) -> pl.DataFrame:
     columns = {TRAJ: in_row_order(np.cumsum(new_traj) - 1), GROUP: in_row_order(np.cumsum(starts(3)) - 1),
                NEXT: in_row_order(np.where(np.append(~new_traj[1:], False), np.append(order[1:], -1), -1)),
                KEY_ORDER: order}
-    if batch == TRAJ_KEYS[:len(batch)]:  # the default (run, iteration): a prefix of the sort key
+    if batch_is_key_prefix(batch):
         return pl.DataFrame(columns | {BATCH: in_row_order(np.cumsum(starts(len(batch))) - 1)})
     return pl.DataFrame(columns).with_columns(steps.select(pl.struct(batch).rank("dense").alias(BATCH)))
 
@@ -186,7 +192,7 @@ def advantage_table(steps: pl.DataFrame, cfg: AdvantageConfig, structure: pl.Dat
     frame = pl.concat([steps.select(used), structure.drop(KEY_ORDER)], how="horizontal")
     if shuffled:
         frame = frame[order]
-    contiguous = [TRAJ, GROUP, *([BATCH] if list(cfg.batch_key) == TRAJ_KEYS[:len(cfg.batch_key)] else [])]
+    contiguous = [TRAJ, GROUP, *([BATCH] if batch_is_key_prefix(list(cfg.batch_key)) else [])]
     frame = (frame.with_columns(pl.col(c).set_sorted() for c in contiguous)
              .with_columns(trajectory_reward(cfg.reward_agg, steps["reward"].null_count() > 0))
              .with_columns(base_advantage(cfg.estimator)))
