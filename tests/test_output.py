@@ -236,8 +236,10 @@ def test_two_racing_writers_exactly_one_wins(tmp_path, src):
     assert pq.read_table(target).num_rows == pq.read_table(src).num_rows and _leftovers(tmp_path) == []
 
 
-ROWS = 60_000
-"""Rows of the big file: logged scoring of it takes about a second, long enough to signal it mid-way."""
+ROWS = 200_000
+"""Rows of the big file: logged scoring of it takes over a second after its temp file appears, long enough to
+signal it mid-way even when this test's own process waits a while for a core (60k rows, half a second since the
+advantages got faster, once lost that race on two busy cores)."""
 
 
 @pytest.fixture(scope="module")
@@ -266,7 +268,7 @@ def test_killed_runs_leave_the_old_output_and_no_leftovers(tmp_path, src, big, s
         _wait_for(lambda: temp.exists() and temp.stat().st_size > 0, run, "written bytes")
     run.send_signal(signum)
     code, err = run.wait(timeout=60), run.stderr.read()
-    assert target.read_bytes() == b"older output"
+    assert target.read_bytes() == b"older output", (code, err)
     if signum == signal.SIGKILL:
         assert code == -signal.SIGKILL and _leftovers(tmp_path)  # nothing can clean up after SIGKILL...
         rerun = _empg("score", src, "--entropy-source", "logged", "-o", target, "--overwrite")
