@@ -90,13 +90,15 @@ def atomic_output(output: Path, *, overwrite: bool = False, inputs: Iterable[Pat
 
 def write_parquet(path: Path, tables: Iterable[pa.Table]) -> int:
     """Stream `tables` (one schema; the first one's key-value metadata is written) into a Parquet file at `path`,
-    normally an `atomic_output` temp file, with page checksums so that later corruption is detected on read.
-    Returns the number of rows written; an empty iterable is a ValueError (a Parquet file needs a schema)."""
+    normally an `atomic_output` temp file, with page checksums so that later corruption is detected on read, and
+    dictionaries for text columns only. Returns the number of rows written; an empty iterable is a ValueError (a
+    Parquet file needs a schema)."""
     writer, rows = None, 0
     try:
         for table in tables:
             if writer is None:
-                writer = pq.ParquetWriter(path, table.schema, write_page_checksum=True)
+                writer = pq.ParquetWriter(path, table.schema, write_page_checksum=True,
+                                          use_dictionary=text_columns(table.schema))
             writer.write_table(table)
             rows += table.num_rows
     finally:
@@ -105,6 +107,16 @@ def write_parquet(path: Path, tables: Iterable[pa.Table]) -> int:
     if writer is None:
         raise ValueError("write_parquet needs at least one table")
     return rows
+
+
+def text_columns(schema: pa.Schema | pa.DataType, prefix: str = "") -> list[str]:
+    """The Parquet paths of the text leaves (`traj_id`, `messages.list.element.role`): keys and prompts repeat, so
+    a dictionary pays; token ids and entropies rarely repeat enough, and trying one costs a third of the write."""
+    if isinstance(schema, pa.Schema) or pa.types.is_struct(schema):
+        return [path for field in schema for path in text_columns(field.type, f"{prefix}{field.name}.")]
+    if pa.types.is_list(schema) or pa.types.is_large_list(schema):
+        return text_columns(schema.value_type, f"{prefix}list.element.")
+    return [prefix[:-1]] if pa.types.is_string(schema) or pa.types.is_large_string(schema) else []
 
 
 def _check_target(output: Path, target: Path, inputs: Iterable[Path]) -> None:

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from empg_cli.cli import main
 from empg_cli.errors import BadInput
 from empg_cli.ingest import convert, convert_file, prime_rl
+from empg_cli.ingest import common
 from empg_cli.ingest.common import Options
 from reference import prime_steps_ref
 from ingest_layouts import (prime_episode, prime_node, prime_trace, verl_rows, write_areal, write_art, write_prime,
@@ -210,7 +211,7 @@ def test_unknown_layout_lists_the_formats(tmp_path, capsys):
     assert all(name in err for name in ("verl", "trl", "prime-rl", "art", "rllm", "areal", "--map"))
 
 
-@pytest.mark.parametrize("case", ["truncated", "mask", "trl_rows", "missing"])
+@pytest.mark.parametrize("case", ["truncated", "mask", "id_type", "trl_rows", "missing"])
 def test_broken_sources_one_error_line_exit_2_no_output(tmp_path, capsys, case):
     if case == "truncated":
         path = write_verl(tmp_path / "d", 1, verl_rows(np.random.default_rng(0), 1, 2, 2))
@@ -222,6 +223,13 @@ def test_broken_sources_one_error_line_exit_2_no_output(tmp_path, capsys, case):
         path = write_prime(tmp_path, 0, [prime_episode("e", "g", 0, [prime_trace([([1], [2])], {})]),
                                          prime_episode("e", "g", 0, [trace])])
         args, expect = [path], f"{path}: line 2 has a node with 2 token_ids and 1 mask entries"
+    elif case == "id_type":
+        trace = prime_trace([([1, 2], [3, 4])], {"c": (1.0, 1.0)})
+        trace["nodes"][1]["token_ids"][1] = "4"
+        path = write_prime(tmp_path, 0, [prime_episode("e", "g", 0, [trace])])
+        args = [path]
+        expect = (f"{path}: line 1 does not fit the layout: Expected `int`, got `str` - at "
+                  "`$.traces[0].nodes[1].token_ids[1]`")
     elif case == "trl_rows":
         path = write_trl(tmp_path / "o", 1, prompts=2, n=5, rng=np.random.default_rng(0))
         args = [tmp_path / "o", "--group-size", 4]
@@ -297,10 +305,10 @@ def prime_forests(draw):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(prime_forests(), st.integers(1, 4))
-def test_prime_rl_paths_match_a_node_by_node_walk(tmp_path_factory, monkeypatch, episodes, chunk):
-    """The numpy walk over chunks of episodes gives every step the prompt and response of the recursive walk."""
-    monkeypatch.setattr(prime_rl, "CHUNK", chunk)
+@given(prime_forests(), st.sampled_from([1, 500, 3000, 1 << 22]))
+def test_prime_rl_paths_match_a_node_by_node_walk(tmp_path_factory, monkeypatch, episodes, piece_bytes):
+    """The numpy walk over pieces of the file gives every step the prompt and response of the recursive walk."""
+    monkeypatch.setattr(common, "PIECE_BYTES", piece_bytes)
     expected = prime_steps_ref(episodes)
     path = write_prime(tmp_path_factory.mktemp("p"), 0, episodes)
     if not expected:
@@ -312,10 +320,12 @@ def test_prime_rl_paths_match_a_node_by_node_walk(tmp_path_factory, monkeypatch,
         {**row, "logprobs": None if row["logprobs"] is None else pytest.approx(row["logprobs"])} for row in expected]
 
 
-def test_prime_rl_names_the_first_broken_line_across_chunks(tmp_path, monkeypatch):
-    """Nodes are checked a chunk of episodes at a time, yet the error is the first in file order: a bad parent on
-    line 2 is named before the truncated line 3, and before a missing field later in the same chunk."""
-    monkeypatch.setattr(prime_rl, "CHUNK", 2)
+@pytest.mark.parametrize("helper", [False, True], ids=["one process", "with the helper"])
+def test_prime_rl_names_the_first_broken_line_across_pieces(tmp_path, monkeypatch, helper):
+    """Nodes are checked a piece of the file at a time, yet the error is the first in file order: a bad parent on
+    line 2 is named before the truncated line 3, and before a missing field later in the same piece."""
+    monkeypatch.setattr(common, "PIECE_BYTES", 1500)  # two of these lines a piece
+    monkeypatch.setattr(common, "PARALLEL_BYTES", 0 if helper else 1 << 40)
     good = prime_episode("a", "g", 0, [prime_trace([([1], [2])], {})])
     bad = prime_episode("b", "g", 0, [prime_trace([([1], [2])], {})])
     bad["traces"][0]["nodes"][1]["parent"] = 5

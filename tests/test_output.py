@@ -217,6 +217,22 @@ def test_parquet_carries_page_checksums(tmp_path):
         pq.read_table(path, page_checksum_verification=True)
 
 
+def test_text_columns_get_dictionaries_and_numbers_do_not(tmp_path):
+    """Dictionaries for every text leaf, nested ones included; token ids and floats plain; values round-trip."""
+    message = pa.struct([("role", pa.string()), ("content", pa.large_string())])
+    table = pa.table({"traj_id": pa.array(["a", "a", "b"], pa.large_string()),
+                      "messages": pa.array([[{"role": "user", "content": "hi"}]] * 3, pa.large_list(message)),
+                      "response_ids": pa.array([[1, 2], [3], []], pa.large_list(pa.int32())),
+                      "step_entropy": pa.array([0.5, 1.5, 2.5])})
+    write_parquet(tmp_path / "t.parquet", [table])
+    meta = pq.ParquetFile(tmp_path / "t.parquet").metadata.row_group(0)
+    dictionary = {meta.column(i).path_in_schema: "RLE_DICTIONARY" in meta.column(i).encodings
+                  for i in range(meta.num_columns)}
+    assert dictionary == {"traj_id": True, "messages.list.element.role": True, "messages.list.element.content": True,
+                          "response_ids.list.element": False, "step_entropy": False}
+    assert pq.read_table(tmp_path / "t.parquet").equals(table)
+
+
 # Subprocess trials: real processes, real signals, real races.
 
 def _empg(*args) -> subprocess.Popen:

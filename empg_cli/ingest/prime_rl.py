@@ -15,72 +15,145 @@ Given a folder, the `train/effective` traces are read (what the trainer admitted
 `train/all` (every completed episode, failures and rejected work included); name a traces.jsonl file to read
 another.
 
-Episodes are read in chunks: Python only pulls each node's fields out of the parsed JSON; the checks, the
-root-to-node paths and the gathering of ids run in numpy over all nodes of the chunk at once.
+Files are read in pieces of whole lines (two processes share them when there is enough to read): Python only pulls
+each node's fields out of the parsed JSON; the checks, the root-to-node paths and the gathering of ids run in numpy
+over all nodes of the piece at once.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import chain
+from operator import attrgetter
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
+import msgspec
 import numpy as np
 import polars as pl
 
 from ..errors import BadInput
-from .common import (Converted, Options, arrow, gather_spans, json_lines, list_series, need, parsed_objects_kept,
-                     preferred_files, rollouts_frame)
+from .common import (Converted, Options, Piece, arrow, gather_spans, json_lines, list_series,
+                     parsed_objects_kept, preferred_files, read_pieces, rollouts_frame)
 
 FIDELITY = "ids"
 PATTERN = "traces.jsonl"
 SUBSETS = ("effective", "all")
 """Which `train/` subset a folder is read from, first found first."""
-CHUNK = 2048
-"""Episodes walked at once: numpy's per-call cost is paid per chunk, memory is that of one chunk."""
 NODE = "traces[].nodes[]."
+
+
+class Node(msgspec.Struct, gc=False):
+    """The fields of a MessageNode that empg reads: the others (message, timestamp, advantages...) are skipped
+    without building Python objects, and a field of another type is an error naming where it is."""
+
+    token_ids: list[int] | None = None
+    mask: list[bool] | None = None
+    parent: int | None = None
+    sampled: bool | None = None
+    logprobs: list[float] | None = None
+
+
+class Reward(msgspec.Struct, gc=False):
+    score: float | None = None
+    weight: float = 1.0
+
+
+class Agent(msgspec.Struct, gc=False):
+    trainable: bool | None = None
+
+
+class Trace(msgspec.Struct, gc=False):
+    nodes: list[Node] | None = None
+    rewards: dict[str, Reward | None] | None = None
+    agent: Agent | None = None
+
+
+class Group(msgspec.Struct, gc=False):
+    id: str | int | None = None
+
+
+class Work(msgspec.Struct, gc=False):
+    step: int | None = None
+
+
+class Run(msgspec.Struct, gc=False):
+    work: Work | None = None
+
+
+class Episode(msgspec.Struct, gc=False):
+    """A line of traces.jsonl, as far as empg reads it."""
+
+    id: str | int | None = None
+    group: Group | None = None
+    run: Run | None = None
+    traces: list[Trace] | None = None
+
+
+EPISODE = msgspec.json.Decoder(Episode)
 
 
 @dataclass
 class Traces:
-    """The trainable traces of a chunk of episodes: one entry per trace, their nodes flat in order."""
+    """The trainable traces of a piece's episodes: one entry per trace, their nodes flat in order."""
 
     lines: list[int] = field(default_factory=list)
-    iterations: list[Any] = field(default_factory=list)
+    iterations: list[int] = field(default_factory=list)
     groups: list[str] = field(default_factory=list)
     traj_ids: list[str] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)
     sizes: list[int] = field(default_factory=list)
-    nodes: list[Any] = field(default_factory=list)
+    nodes: list[Node] = field(default_factory=list)
     problem: BadInput | None = None
-    """An episode-level problem met while gathering: it stops the chunk, and is raised unless a node before it has
+    """An episode-level problem met while gathering: it stops the piece, and is raised unless a node before it has
     one (problems are raised in file order)."""
 
 
-def gather(path: Path, episodes: Sequence[tuple[int, dict[str, Any]]]) -> Traces:
+def _present(value: Any, name: str, path: Path, line: int) -> Any:
+    """The value of field `name`, or a BadInput naming the file, line and missing field."""
+    if value is None:
+        raise BadInput(path, f"line {line} has no field '{name}'")
+    return value
+
+
+def gather(path: Path, episodes: Sequence[tuple[int, Episode]]) -> Traces:
     """Each trainable trace of the episodes: its line, keys, reward Σ score · weight and nodes."""
     traces = Traces()
     try:
         for line, episode in episodes:
-            group = need(need(episode, "group", path, line), "id", path, line, "group.")
-            iteration = need(need(need(episode, "run", path, line), "work", path, line, "run."), "step", path, line,
-                             "run.work.")
-            for t, trace in enumerate(need(episode, "traces", path, line)):
-                if (trace.get("agent") or {}).get("trainable") is False:
+            group = _present(_present(episode.group, "group", path, line).id, "group.id", path, line)
+            work = _present(_present(episode.run, "run", path, line).work, "run.work", path, line)
+            iteration = _present(work.step, "run.work.step", path, line)
+            for t, trace in enumerate(_present(episode.traces, "traces", path, line)):
+                if trace.agent is not None and trace.agent.trainable is False:
                     continue
-                rewards = [r for r in (trace.get("rewards") or {}).values() if r and r.get("score") is not None]
-                nodes = need(trace, "nodes", path, line, "traces[].")
+                nodes = _present(trace.nodes, "traces[].nodes", path, line)
                 traces.lines.append(line)
                 traces.iterations.append(iteration)
                 traces.groups.append(str(group))
-                traces.traj_ids.append(f"{episode.get('id', line)}/{t}")
-                traces.rewards.append(sum(float(r["score"]) * float(r.get("weight", 1.0)) for r in rewards))
+                traces.traj_ids.append(f"{line if episode.id is None else episode.id}/{t}")
+                traces.rewards.append(sum(r.score * r.weight for r in (trace.rewards or {}).values()
+                                          if r is not None and r.score is not None))
                 traces.sizes.append(len(nodes))
                 traces.nodes.extend(nodes)
     except BadInput as problem:
         traces.problem = problem
     return traces
+
+
+FIELDS = attrgetter("token_ids", "mask", "parent", "sampled", "logprobs")
+
+
+def _node_fields(nodes: list[Node]) -> tuple[tuple[Any, ...], ...]:
+    """The FIELDS of every node, one tuple a field."""
+    return tuple(zip(*map(FIELDS, nodes))) or ((),) * 5
+
+
+def _lengths(values: tuple[Any, ...], missing: int) -> list[int]:
+    """len() of each value, `missing` for None."""
+    if None in values:
+        return [missing if v is None else len(v) for v in values]
+    return list(map(len, values))
 
 
 def _masked_run(mask: list) -> tuple[int, int, int]:
@@ -102,23 +175,22 @@ def _first_problem(path: Path, line: np.ndarray, checks: list[tuple[np.ndarray, 
 
 def chunk_steps(path: Path, traces: Traces) -> pl.DataFrame:
     """The steps of the traces (one row per sampled node with masked-in tokens), every node checked first."""
-    nodes = [n if isinstance(n, dict) else {} for n in traces.nodes]
-    count = len(nodes)
-    ids, masks, parents = ([n.get(k) for n in nodes] for k in ("token_ids", "mask", "parent"))
-    logprobs = [n.get("logprobs") or None for n in nodes]
+    ids, masks, parents, sampled_flags, logprobs = _node_fields(traces.nodes)
+    count = len(ids)
     sizes = np.asarray(traces.sizes, np.int64)
     trace_start = np.repeat(np.cumsum(sizes) - sizes, sizes)                 # each node's trace's first node
     local = np.arange(count) - trace_start                                   # index within its trace
     root = np.array([p is None for p in parents], bool)
-    parent = np.array([p if isinstance(p, int) else -1 for p in parents], np.int64)
-    lengths = [0 if x is None else len(x) for x in ids]
+    parent = np.array([-1 if p is None else p for p in parents], np.int64)
+    lengths = _lengths(ids, 0)
     n_ids = np.array(lengths, np.int64)
-    n_mask = np.array([n if m is None else len(m) for m, n in zip(masks, lengths)], np.int64)
-    n_logprobs = np.array([-1 if lp is None else len(lp) for lp in logprobs], np.int64)
+    n_mask = np.where([m is None for m in masks], n_ids, _lengths(masks, 0))
+    n_logprobs = np.array(_lengths(logprobs, 0), np.int64)
+    n_logprobs[n_logprobs == 0] = -1                                          # none logged (null or [])
 
     # A sampled node's masked-in run [first, last] and its number of masked-in tokens; without a mask, all tokens.
     first, last, hits = np.zeros(count, np.int64), np.full(count, -1), np.zeros(count, np.int64)
-    sampled = np.flatnonzero([bool(n.get("sampled")) for n in nodes])
+    sampled = np.flatnonzero(np.array(sampled_flags, bool))
     runs = [(0, lengths[k] - 1, lengths[k]) if masks[k] is None else _masked_run(masks[k]) for k in sampled]
     first[sampled], last[sampled], hits[sampled] = np.array(runs, np.int64).reshape(-1, 3).T
     is_step = hits > 0
@@ -167,33 +239,19 @@ def chunk_steps(path: Path, traces: Traces) -> pl.DataFrame:
             nulls=n_logprobs[steps] < 0))
 
 
-def next_chunk(path: Path, episodes: Iterator[tuple[int, dict[str, Any]]]) -> pl.DataFrame | None:
-    """The steps of the next CHUNK episodes (None after the last); the parsed episodes die with this call."""
-    chunk: list[tuple[int, dict[str, Any]]] = []
+def read_piece(piece: Piece) -> pl.DataFrame:
+    """The steps of the episodes of one piece of a traces file; its parsed episodes die with this call. A line that
+    is not JSON is raised after the lines before it are checked."""
+    episodes: list[tuple[int, Episode]] = []
     unreadable = None
-    try:
-        for episode in episodes:
-            chunk.append(episode)
-            if len(chunk) == CHUNK:
-                break
-    except BadInput as problem:  # a line that is not JSON: the lines before it are checked first
-        unreadable = problem
-    if not chunk and unreadable is None:
-        return None
-    traces = gather(path, chunk)
-    traces.problem = traces.problem or unreadable
-    return chunk_steps(path, traces)
-
-
-def read_file(path: Path) -> Iterator[pl.DataFrame]:
-    """The steps of every episode in the file, CHUNK episodes at a time."""
-    episodes = json_lines(path)
-    while True:
-        with parsed_objects_kept():
-            frame = next_chunk(path, episodes)
-        if frame is None:
-            return
-        yield frame
+    with parsed_objects_kept():
+        try:
+            episodes.extend(json_lines(piece.path, piece, EPISODE.decode))
+        except BadInput as problem:
+            unreadable = problem
+        traces = gather(piece.path, episodes)
+        traces.problem = traces.problem or unreadable
+        return chunk_steps(piece.path, traces)
 
 
 def _in_train(subset: str):
@@ -201,8 +259,7 @@ def _in_train(subset: str):
 
 
 def read(sources: Sequence[Path], options: Options) -> Converted:
-    frames = [frame for path in preferred_files(sources, PATTERN, *map(_in_train, SUBSETS))
-              for frame in read_file(path)]
+    frames = read_pieces(read_piece, preferred_files(sources, PATTERN, *map(_in_train, SUBSETS)))
     frame = pl.concat(frames, how="vertical_relaxed") if frames else pl.DataFrame()
     if frame.height == 0:
         raise BadInput(sources[0], "has no sampled tokens in any trace")
