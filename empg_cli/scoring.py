@@ -11,6 +11,7 @@ dtype; 16k response tokens at a 152k vocabulary would be 4.6 GiB in bf16 before 
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import importlib.util
 from dataclasses import dataclass
@@ -22,12 +23,28 @@ import torch
 
 from .errors import BadUsage, ModelLoadError
 from .sequences import Unit
-from .stats import TokenStats, token_stats_from_hidden
+from .stats import CPU_CHUNK_ELEMENTS, DEFAULT_CHUNK_ELEMENTS, TokenStats, token_stats_from_hidden
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 HEAD_CHECK_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 5e-2}
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+"""glibc's mallopt parameters (malloc.h)."""
+
+
+def keep_freed_memory() -> None:
+    """Let CPU scoring reuse its freed buffers. Every batch allocates and frees the same large tensors; by default
+    glibc maps each one afresh and unmaps it when freed, and the next batch faults it back in page by page (a tenth
+    of the time, as system time; two processes faulting at once slow each other further). Blocks up to 32 MiB (the
+    most glibc allows) are then served from the heap, and up to 1 GiB of freed memory is kept for reuse instead of
+    being returned to the OS. Process-wide; nothing where the C library has no mallopt."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
 def resolve_device(name: str, *, cuda: bool | None = None, mps: bool | None = None) -> torch.device:
@@ -127,6 +144,8 @@ def load_policy(ref: str, *, device: torch.device, dtype: torch.dtype, allow_pic
             hint = "" if allow_pickle else " (only safetensors weights load unless --allow-pickle is given)"
         raise ModelLoadError(f"cannot load model {ref}: {first}{hint}") from exc
     model.to(device).eval()
+    if device.type == "cpu":
+        keep_freed_memory()
     local = local_model_dir(ref)
     max_len = getattr(model.config, "max_position_embeddings", None)
     return Policy(model, tokenizer, ref, weights_sha256(local) if local else None, device, dtype, max_len,
@@ -158,7 +177,6 @@ class Batch:
     """Model inputs for some units, and for every response token its (row, position - 1) and target id."""
 
     input_ids: torch.Tensor
-    attention_mask: torch.Tensor | None
     position_ids: torch.Tensor | None
     rows: torch.Tensor
     positions: torch.Tensor
@@ -173,10 +191,13 @@ def ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 
 def make_batch(units: Sequence[Unit], packed: bool) -> Batch:
-    """Right-padded rows (B, L) with a mask, or all units packed in one row (1, sum L) with restarting positions.
+    """Right-padded rows (B, L), or all units packed in one row (1, sum L) with restarting positions.
 
-    transformers reads restarting position_ids (with no attention mask) as packed sequences: a block-diagonal
-    causal mask, or FlashAttention's varlen kernel, so no token attends across units.
+    Padding needs no attention mask: it comes after every real token of its row, and causal attention never looks
+    ahead, so the real tokens' hidden states are those of the unpadded rows. Without a mask SDPA runs its causal
+    kernel (with a padding mask, CPU attention took twice as long). transformers reads restarting position_ids as
+    packed sequences: a block-diagonal causal mask, or FlashAttention's varlen kernel, so no token attends across
+    units.
     """
     lengths = np.array([len(u.tokens) for u in units])
     spans = np.array([len(u.starts) for u in units])
@@ -186,16 +207,16 @@ def make_batch(units: Sequence[Unit], packed: bool) -> Batch:
     if packed:  # positions inside the one packed row: each unit starts where the previous one ended
         starts = starts + np.repeat(np.cumsum(lengths) - lengths, spans)
         ids, rows = tokens[None], np.zeros(int(span_lengths.sum()), dtype=np.int64)
-        position_ids, mask = torch.from_numpy(ranges(np.zeros_like(lengths), lengths)[None]), None
+        position_ids = torch.from_numpy(ranges(np.zeros_like(lengths), lengths)[None])
     else:
         ids = np.zeros((len(units), lengths.max()), dtype=np.int64)
         valid = np.arange(lengths.max()) < lengths[:, None]
         ids[valid] = tokens
-        mask, position_ids = torch.from_numpy(valid.astype(np.int64)), None
+        position_ids = None
         rows = np.repeat(unit_of_span, span_lengths)
     # response token at position s + j is predicted by the hidden state at s + j - 1
     positions = ranges(starts, span_lengths) - 1
-    return Batch(torch.from_numpy(ids), mask, position_ids, torch.from_numpy(rows), torch.from_numpy(positions),
+    return Batch(torch.from_numpy(ids), position_ids, torch.from_numpy(rows), torch.from_numpy(positions),
                  torch.from_numpy(ids[rows, positions + 1]))
 
 
@@ -227,17 +248,18 @@ def score_units(policy: Policy, units: Sequence[Unit], *, temperature: float, ba
     steps = np.array([len(u.rows) for u in units])
     out = TokenStats(*(torch.empty(int(offsets[-1]), dtype=torch.float32) for _ in range(3)))
     checked = False
+    chunk_elements = CPU_CHUNK_ELEMENTS if policy.device.type == "cpu" else DEFAULT_CHUNK_ELEMENTS
     for members in token_budget_batches(lengths, batch_tokens, packed):
         batch = make_batch([units[i] for i in members], packed)
         to = lambda t: None if t is None else t.to(policy.device)  # noqa: E731
         with torch.inference_mode():
-            hidden = decoder(input_ids=to(batch.input_ids), attention_mask=to(batch.attention_mask),
-                             position_ids=to(batch.position_ids), use_cache=False).last_hidden_state  # (B, L, d)
+            hidden = decoder(input_ids=to(batch.input_ids), position_ids=to(batch.position_ids),
+                             use_cache=False).last_hidden_state  # (B, L, d)
             if not checked:
                 _check_head(policy, units[members[0]].tokens, hidden[0, :len(units[members[0]].tokens)])
                 checked = True
             selected = hidden[to(batch.rows), to(batch.positions)]  # (N, d)
-            stats = token_stats_from_hidden(selected, policy.head, to(batch.targets), temperature)
+            stats = token_stats_from_hidden(selected, policy.head, to(batch.targets), temperature, chunk_elements)
         # scatter the batch's tokens (in batch order) to their units' places in the output
         where = torch.from_numpy(ranges(offsets[members], offsets[members + 1] - offsets[members]))
         for dst, src in zip(out, stats):
