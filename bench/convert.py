@@ -3,7 +3,7 @@ command (a fresh process, imports included, three runs); target: the command's m
 steps.
 
     .venv/bin/python bench/convert.py           # prints the table, writes its section of bench/RESULTS.md
-                                                # (`make bench` runs it after bench/run.py, which rewrites the file)
+                                                # (`make bench` runs it after bench/run.py, which keeps it)
     .venv/bin/python bench/convert.py --quick   # 10k steps, report only printed (a smoke test of the script)
 
 Layouts are written as the trainers write them (tests/ingest_layouts.py), with realistic field sizes: prompts of

@@ -668,15 +668,15 @@ def main() -> None:
     print()
     print(table(rows))
     print(f"\nbench took {elapsed / 60:.1f} min")
-    target.write_text(report(rows, info, details, counts, elapsed) + kept_section(target, "verl")
-                      + kept_section(target, "engines"))
+    target.write_text(report(rows, info, details, counts, elapsed)
+                      + "".join(kept_section(target, name) for name in ("verl", "convert", "convert-notes", "engines")))
     print(f"wrote {target}")
 
 
 def kept_section(path: Path, name: str) -> str:
     """A section another script wrote into RESULTS.md between `<!-- name:start -->` and `<!-- name:end -->`
-    (`verl`: `make bench-verl`, bench/verl_grpo.py; `engines`: bench/engines.py), kept as it is: this run does not
-    measure it."""
+    (`verl`: `make bench-verl`, bench/verl_grpo.py; `convert`: bench/convert.py, and `convert-notes`, how its
+    figures were reached; `engines`: bench/engines.py), kept as it is: this run does not measure it."""
     text = path.read_text() if path.exists() else ""
     start, end = text.find(f"<!-- {name}:start -->"), text.find(f"<!-- {name}:end -->")
     return "\n" + text[start:end + len(f"<!-- {name}:end -->")] + "\n" if 0 <= start < end else ""

@@ -11,7 +11,6 @@ dtype; 16k response tokens at a 152k vocabulary would be 4.6 GiB in bf16 before 
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import importlib.util
 from dataclasses import dataclass
@@ -23,30 +22,12 @@ import torch
 
 from .errors import BadUsage, ModelLoadError
 from .sequences import Unit
-from .stats import CPU_CHUNK_ELEMENTS, DEFAULT_CHUNK_ELEMENTS, TokenStats, token_stats_from_hidden
+from .stats import TokenStats, token_stats_from_hidden
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 HEAD_CHECK_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 5e-2}
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-"""glibc's mallopt parameters (malloc.h)."""
-
-
-def keep_freed_memory() -> None:
-    """Let CPU scoring reuse its freed buffers. Every batch allocates and frees the same large tensors; by default
-    glibc maps each one afresh and unmaps it when freed, and the next batch faults it back in page by page (a tenth
-    of the time, as system time; two processes faulting at once slow each other further). Blocks up to 32 MiB (the
-    most glibc allows) are then served from the heap, and up to 1 GiB of freed memory is kept for reuse instead of
-    being returned to the OS. Process-wide; nothing where the C library has no mallopt."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(M_MMAP_THRESHOLD, 32 << 20)
-    mallopt(M_TRIM_THRESHOLD, 1 << 30)
-
-
 def resolve_device(name: str, *, cuda: bool | None = None, mps: bool | None = None) -> torch.device:
     """`auto` picks cuda, then mps, then cpu; an explicit device must be available."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
@@ -144,8 +125,6 @@ def load_policy(ref: str, *, device: torch.device, dtype: torch.dtype, allow_pic
             hint = "" if allow_pickle else " (only safetensors weights load unless --allow-pickle is given)"
         raise ModelLoadError(f"cannot load model {ref}: {first}{hint}") from exc
     model.to(device).eval()
-    if device.type == "cpu":
-        keep_freed_memory()
     local = local_model_dir(ref)
     max_len = getattr(model.config, "max_position_embeddings", None)
     return Policy(model, tokenizer, ref, weights_sha256(local) if local else None, device, dtype, max_len,
@@ -248,7 +227,6 @@ def score_units(policy: Policy, units: Sequence[Unit], *, temperature: float, ba
     steps = np.array([len(u.rows) for u in units])
     out = TokenStats(*(torch.empty(int(offsets[-1]), dtype=torch.float32) for _ in range(3)))
     checked = False
-    chunk_elements = CPU_CHUNK_ELEMENTS if policy.device.type == "cpu" else DEFAULT_CHUNK_ELEMENTS
     for members in token_budget_batches(lengths, batch_tokens, packed):
         batch = make_batch([units[i] for i in members], packed)
         to = lambda t: None if t is None else t.to(policy.device)  # noqa: E731
@@ -259,7 +237,7 @@ def score_units(policy: Policy, units: Sequence[Unit], *, temperature: float, ba
                 _check_head(policy, units[members[0]].tokens, hidden[0, :len(units[members[0]].tokens)])
                 checked = True
             selected = hidden[to(batch.rows), to(batch.positions)]  # (N, d)
-            stats = token_stats_from_hidden(selected, policy.head, to(batch.targets), temperature, chunk_elements)
+            stats = token_stats_from_hidden(selected, policy.head, to(batch.targets), temperature)
         # scatter the batch's tokens (in batch order) to their units' places in the output
         where = torch.from_numpy(ranges(offsets[members], offsets[members + 1] - offsets[members]))
         for dst, src in zip(out, stats):

@@ -14,11 +14,7 @@ from typing import Callable, NamedTuple
 import torch
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 25
-"""Logit elements (positions x vocabulary) materialised at once on an accelerator: 128 MiB of float32, a few such
-temporaries."""
-CPU_CHUNK_ELEMENTS = 1 << 23
-"""The same on the CPU: 32 MiB temporaries, the largest that glibc can serve from its heap (scoring.keep_freed_memory)
-rather than map afresh for every chunk; as fast per token as larger chunks, without the page faults."""
+"""Logit elements (positions x vocabulary) materialised at once: 128 MiB of float32, a few such temporaries."""
 
 
 class TokenStats(NamedTuple):

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -201,31 +197,3 @@ def test_ranges_concatenates_aranges():
     starts, lengths = rng.integers(0, 50, size=30), rng.integers(0, 6, size=30)
     expected = [i for s, n in zip(starts, lengths) for i in range(s, s + n)]
     assert ranges(starts, lengths).tolist() == expected
-
-
-FAULTS_CHILD = """
-import resource, sys
-import numpy as np
-from empg_cli.scoring import keep_freed_memory
-if sys.argv[1] == "keep":
-    keep_freed_memory()
-
-def batch():  # temporaries of 1 to 28 MiB, alive together, written, then freed
-    buffers = [np.ones(n << 16, np.float32) for n in (4, 24, 48, 80, 112)]
-
-batch()  # the first use of the heap faults either way
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(20):
-    batch()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt")
-def test_freed_buffers_are_kept_for_reuse_instead_of_faulted_back():
-    """20 batches of temporaries (67 MiB in all): by default glibc returns some to the OS and each batch faults them
-    back in; with keep_freed_memory it reuses them. (The end-to-end effect on CPU scoring is in bench/.)"""
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    faults = {mode: int(subprocess.run([sys.executable, "-c", FAULTS_CHILD, mode], env=env, capture_output=True,
-                                       text=True, check=True).stdout) for mode in ("default", "keep")}
-    assert faults["default"] > 20 * 500 and faults["keep"] < 500, faults
