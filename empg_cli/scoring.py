@@ -28,6 +28,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 HEAD_CHECK_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 5e-2}
+
+
 def resolve_device(name: str, *, cuda: bool | None = None, mps: bool | None = None) -> torch.device:
     """`auto` picks cuda, then mps, then cpu; an explicit device must be available."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
