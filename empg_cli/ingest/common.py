@@ -334,11 +334,17 @@ def flat_jsonl(paths: Sequence[Path], required: Sequence[str]) -> pl.DataFrame:
     return frame.with_columns(pl.Series(FILE, files))
 
 
+def present(value: Any, name: str, path: Path, line: int) -> Any:
+    """The value of field `name` (its path in the record, e.g. `run.work.step`), or a BadInput naming the file, line
+    and missing field when it is absent or null."""
+    if value is None:
+        raise BadInput(path, f"line {line} has no field '{name}'")
+    return value
+
+
 def need(record: dict[str, Any], key: str, path: Path, line: int, where: str = "") -> Any:
-    """record[key], or a BadInput naming the file, line and missing field."""
-    if not isinstance(record, dict) or record.get(key) is None:
-        raise BadInput(path, f"line {line} has no field '{where}{key}'")
-    return record[key]
+    """record[key] of a parsed JSON object, as `present` checks it."""
+    return present(record.get(key) if isinstance(record, dict) else None, f"{where}{key}", path, line)
 
 
 def carried(frame: pl.DataFrame, produced: Sequence[str]) -> pl.DataFrame:

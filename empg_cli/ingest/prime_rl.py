@@ -34,7 +34,7 @@ import polars as pl
 
 from ..errors import BadInput
 from .common import (Converted, Options, Piece, arrow, gather_spans, json_lines, list_series,
-                     parsed_objects_kept, preferred_files, read_pieces, rollouts_frame)
+                     parsed_objects_kept, preferred_files, present, read_pieces, rollouts_frame)
 
 FIDELITY = "ids"
 PATTERN = "traces.jsonl"
@@ -109,25 +109,18 @@ class Traces:
     one (problems are raised in file order)."""
 
 
-def _present(value: Any, name: str, path: Path, line: int) -> Any:
-    """The value of field `name`, or a BadInput naming the file, line and missing field."""
-    if value is None:
-        raise BadInput(path, f"line {line} has no field '{name}'")
-    return value
-
-
 def gather(path: Path, episodes: Sequence[tuple[int, Episode]]) -> Traces:
     """Each trainable trace of the episodes: its line, keys, reward Σ score · weight and nodes."""
     traces = Traces()
     try:
         for line, episode in episodes:
-            group = _present(_present(episode.group, "group", path, line).id, "group.id", path, line)
-            work = _present(_present(episode.run, "run", path, line).work, "run.work", path, line)
-            iteration = _present(work.step, "run.work.step", path, line)
-            for t, trace in enumerate(_present(episode.traces, "traces", path, line)):
+            group = present(present(episode.group, "group", path, line).id, "group.id", path, line)
+            work = present(present(episode.run, "run", path, line).work, "run.work", path, line)
+            iteration = present(work.step, "run.work.step", path, line)
+            for t, trace in enumerate(present(episode.traces, "traces", path, line)):
                 if trace.agent is not None and trace.agent.trainable is False:
                     continue
-                nodes = _present(trace.nodes, "traces[].nodes", path, line)
+                nodes = present(trace.nodes, "traces[].nodes", path, line)
                 traces.lines.append(line)
                 traces.iterations.append(iteration)
                 traces.groups.append(str(group))
