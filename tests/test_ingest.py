@@ -13,8 +13,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from empg_cli.cli import main
 from empg_cli.errors import BadInput
-from empg_cli.ingest import convert, convert_file, prime_rl
-from empg_cli.ingest import common
+from empg_cli.ingest import common, convert, convert_file, prime_rl
 from empg_cli.ingest.common import Options
 from reference import prime_steps_ref
 from ingest_layouts import (prime_episode, prime_node, prime_trace, verl_rows, write_areal, write_art, write_prime,

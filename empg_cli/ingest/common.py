@@ -220,15 +220,15 @@ class _Helper:
         self.process: subprocess.Popen | None = None
         self.claims = claims
         self.folder = tempfile.TemporaryDirectory(prefix="empg-pieces-")
-        self.thread = threading.Thread(target=self._run, args=(read, todo, claims, replies), daemon=True)
+        self.thread = threading.Thread(target=self._run, args=(read, todo, replies), daemon=True)
         self.thread.start()
 
-    def _run(self, read, todo, claims, replies) -> None:
+    def _run(self, read, todo, replies) -> None:
         try:
             self.process = subprocess.Popen([sys.executable, "-c", HELPER], stdin=subprocess.PIPE,
                                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
             pickle.dump(sys.path, self.process.stdin)
-            while (k := claims.take(from_back=True)) is not None:
+            while (k := self.claims.take(from_back=True)) is not None:
                 result = Path(self.folder.name) / f"{k}.pickle"
                 pickle.dump((read, todo[k], result), self.process.stdin)
                 self.process.stdin.flush()
