@@ -11,8 +11,10 @@ dtype; 16k response tokens at a 152k vocabulary would be 4.6 GiB in bf16 before 
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import importlib.util
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -22,12 +24,19 @@ import torch
 
 from .errors import BadUsage, ModelLoadError
 from .sequences import Unit
-from .stats import TokenStats, token_stats_from_hidden
+from .stats import TokenStats, logit_buffers, token_stats_from_hidden
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 HEAD_CHECK_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 5e-2}
+MAX_PADDING = 0.05
+"""Padding is compute spent on nothing (attention grows with the square of the padded length), and the units of a
+small chunk differ widely in length: a padded batch takes only units within 5% of its longest."""
+HEAP_BLOCK_BYTES = 64 << 20
+HEAP_KEEP_BYTES = 512 << 20
+"""CPU scoring keeps freed memory for the next batch (keep_freed_memory): blocks up to HEAP_BLOCK_BYTES come from
+the heap, and up to HEAP_KEEP_BYTES of free heap stay with the process."""
 
 
 def resolve_device(name: str, *, cuda: bool | None = None, mps: bool | None = None) -> torch.device:
@@ -53,6 +62,23 @@ def attention_implementation(device: torch.device, dtype: torch.dtype) -> str:
     if device.type == "cuda" and dtype != torch.float32 and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
+
+
+def keep_freed_memory() -> None:
+    """Let glibc keep freed memory for reuse instead of handing it back to the OS after every tensor.
+
+    By default glibc unmaps blocks over an adaptive threshold (32 MiB at most) and trims the heap's free top beyond
+    twice that, so every forward pass on the CPU faults its activations back in, zeroed by the kernel: a fifth of
+    the scoring time of a small model went to the kernel (bench/RESULTS.md). PyTorch's CPU tuning guide swaps in
+    jemalloc or tcmalloc for the same reason; these two glibc settings (process-wide) do it without a preload.
+    Does nothing on other C libraries.
+    """
+    if platform.libc_ver()[0] != "glibc":
+        return
+    mallopt = ctypes.CDLL("libc.so.6").mallopt
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    mallopt(m_mmap_threshold, HEAP_BLOCK_BYTES)
+    mallopt(m_trim_threshold, HEAP_KEEP_BYTES)
 
 
 def weights_sha256(directory: Path) -> str:
@@ -89,15 +115,24 @@ class Policy:
     max_len: int | None
     vocab_size: int
 
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits from final hidden states, with the post-head transforms some architectures apply."""
-        logits = self.model.get_output_embeddings()(hidden)
-        cfg = self.model.config
+    def head(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits from final hidden states, with the post-head transforms some architectures apply; with `out`
+        (float32, (N, V)) they are written into it (stats.Head)."""
+        linear = self.model.get_output_embeddings()
+        if out is None:
+            logits = linear(hidden)
+        elif type(linear) is torch.nn.Linear and hidden.dtype == out.dtype:
+            weight = linear.weight.t()
+            logits = (torch.mm(hidden, weight, out=out) if linear.bias is None
+                      else torch.addmm(linear.bias, hidden, weight, out=out))
+        else:
+            logits = out.copy_(linear(hidden))
+        cfg = self.model.config  # the transforms work in place: `logits` is a fresh tensor or the caller's buffer
         if getattr(cfg, "final_logit_softcapping", None):  # Gemma 2/3
             cap = cfg.final_logit_softcapping
-            logits = torch.tanh(logits / cap) * cap
+            logits.div_(cap).tanh_().mul_(cap)
         if getattr(cfg, "logit_scale", None) not in (None, 1.0):  # Cohere
-            logits = logits * cfg.logit_scale
+            logits.mul_(cfg.logit_scale)
         return logits
 
 
@@ -127,6 +162,8 @@ def load_policy(ref: str, *, device: torch.device, dtype: torch.dtype, allow_pic
             hint = "" if allow_pickle else " (only safetensors weights load unless --allow-pickle is given)"
         raise ModelLoadError(f"cannot load model {ref}: {first}{hint}") from exc
     model.to(device).eval()
+    if device.type == "cpu":
+        keep_freed_memory()
     local = local_model_dir(ref)
     max_len = getattr(model.config, "max_position_embeddings", None)
     return Policy(model, tokenizer, ref, weights_sha256(local) if local else None, device, dtype, max_len,
@@ -136,14 +173,15 @@ def load_policy(ref: str, *, device: torch.device, dtype: torch.dtype, allow_pic
 def token_budget_batches(lengths: np.ndarray, batch_tokens: int, packed: bool = False) -> list[np.ndarray]:
     """Unit indices grouped longest first within a token budget (one unit at least per batch).
 
-    Padded batches cost (longest length x count); packed batches cost the sum of lengths.
+    Padded batches cost (longest length x count) and take a unit only if it is at most MAX_PADDING shorter than
+    their longest; packed batches cost the sum of lengths.
     """
     order = np.argsort(-lengths, kind="stable")
     batches, current, cost = [], [], 0
     for i in order:
         n = int(lengths[i])
         grown = cost + n if packed else (int(lengths[current[0]]) if current else n) * (len(current) + 1)
-        if current and grown > batch_tokens:
+        if current and (grown > batch_tokens or (not packed and n < (1 - MAX_PADDING) * lengths[current[0]])):
             batches.append(np.array(current))
             current, grown = [], n
         current.append(i)
@@ -228,18 +266,20 @@ def score_units(policy: Policy, units: Sequence[Unit], *, temperature: float, ba
     offsets = np.concatenate([[0], np.cumsum([int(u.lengths.sum()) for u in units])])
     steps = np.array([len(u.rows) for u in units])
     out = TokenStats(*(torch.empty(int(offsets[-1]), dtype=torch.float32) for _ in range(3)))
-    checked = False
-    for members in token_budget_batches(lengths, batch_tokens, packed):
+    batches = token_budget_batches(lengths, batch_tokens, packed)
+    buffers = None
+    for members in batches:
         batch = make_batch([units[i] for i in members], packed)
         to = lambda t: None if t is None else t.to(policy.device)  # noqa: E731
         with torch.inference_mode():
             hidden = decoder(input_ids=to(batch.input_ids), position_ids=to(batch.position_ids),
                              use_cache=False).last_hidden_state  # (B, L, d)
-            if not checked:
-                _check_head(policy, units[members[0]].tokens, hidden[0, :len(units[members[0]].tokens)])
-                checked = True
             selected = hidden[to(batch.rows), to(batch.positions)]  # (N, d)
-            stats = token_stats_from_hidden(selected, policy.head, to(batch.targets), temperature)
+            if buffers is None:  # once: check the head path, and size the logit buffers every batch reuses
+                _check_head(policy, units[members[0]].tokens, hidden[0, :len(units[members[0]].tokens)])
+                most = max(int(offsets[m + 1].sum() - offsets[m].sum()) for m in batches)
+                buffers = logit_buffers(most, policy.head(selected[:1]).shape[-1], policy.device)
+            stats = token_stats_from_hidden(selected, policy.head, to(batch.targets), temperature, buffers=buffers)
         # scatter the batch's tokens (in batch order) to their units' places in the output
         where = torch.from_numpy(ranges(offsets[members], offsets[members + 1] - offsets[members]))
         for dst, src in zip(out, stats):

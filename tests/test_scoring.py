@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import math
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -13,7 +19,7 @@ import torch
 from conftest import build_model, random_rollouts, write_rollouts
 from empg_cli.config import AdvantageConfig, ScoreConfig
 from empg_cli.pipeline import score_file
-from empg_cli.scoring import attention_implementation, load_policy, resolve_device, resolve_dtype, \
+from empg_cli.scoring import MAX_PADDING, attention_implementation, load_policy, resolve_device, resolve_dtype, \
     token_budget_batches
 from empg_cli.errors import BadUsage
 
@@ -77,6 +83,61 @@ def test_head_path_reproduces_model_logits(tmp_path, arch):
         reference = policy.model(input_ids=ids).logits
         ours = policy.head(policy.model.get_decoder()(input_ids=ids).last_hidden_state)
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("variant", ["plain", "bias", "softcap", "logit_scale"])
+def test_head_written_into_a_buffer_equals_the_head_in_float64(tmp_path, dtype, variant):
+    """head(h, out=buffer), the path of every chunk, against the head and its transforms computed in float64."""
+    build_model(tmp_path, "qwen2")
+    policy = load_policy(str(tmp_path), device=torch.device("cpu"), dtype=dtype)
+    cfg, gen = policy.model.config, torch.Generator().manual_seed(0)
+    linear = policy.model.get_output_embeddings()
+    if variant == "bias":
+        with_bias = torch.nn.Linear(linear.in_features, linear.out_features, bias=True, dtype=dtype)
+        with torch.no_grad():
+            with_bias.weight.copy_(linear.weight)
+            with_bias.bias.copy_(torch.randn(linear.out_features, generator=gen))
+        policy.model.set_output_embeddings(with_bias)
+        linear = with_bias
+    cap, scale = (2.0 if variant == "softcap" else None), (0.25 if variant == "logit_scale" else None)
+    cfg.final_logit_softcapping, cfg.logit_scale = cap, scale
+    hidden = torch.randn(9, cfg.hidden_size, generator=gen).to(dtype)                    # (N, d)
+    with torch.no_grad():
+        want = hidden.double() @ linear.weight.double().T                                # (N, V)
+        want = want + linear.bias.double() if linear.bias is not None else want
+        want = torch.tanh(want / cap) * cap if cap else want
+        want = want * scale if scale else want
+    buffer = torch.full(tuple(want.shape), float("nan"))
+    with torch.inference_mode():
+        written, returned = policy.head(hidden, out=buffer), policy.head(hidden)
+    assert written.data_ptr() == buffer.data_ptr() and written.dtype == torch.float32
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for got in (written, returned):
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * float(want.abs().max()))
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="keep_freed_memory sets glibc's malloc options")
+def test_freed_memory_is_reused_without_page_faults_once_kept():
+    """A 48 MiB tensor made and freed again and again: by default glibc unmaps it and each new one faults its pages
+    in; once keep_freed_memory() has run, the same heap memory serves them all."""
+    script = textwrap.dedent("""
+        import resource, torch
+        from empg_cli.scoring import keep_freed_memory
+        def faults():
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            for _ in range(10):
+                torch.ones(12 << 20)  # 48 MiB, touched, then freed
+            return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        default = faults()
+        keep_freed_memory()
+        faults()  # the heap grows
+        print(default, faults())
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    default, kept = map(int, out.stdout.split())
+    assert default > 0 and kept * 5 < default, (default, kept)  # kept: 0, at times one tensor's pages
 
 
 def _score(tmp_path, model_dir, rows, name, **cfg) -> pl.DataFrame:
@@ -189,6 +250,14 @@ def test_token_budget_batches_cover_every_unit_once_within_budget(packed):
     for b in batches:
         cost = lengths[b].sum() if packed else lengths[b].max() * len(b)
         assert len(b) == 1 or cost <= 128
+        assert packed or lengths[b].min() >= (1 - MAX_PADDING) * lengths[b].max()
+
+
+def test_padded_batches_fill_the_budget_when_lengths_are_close():
+    """The padding bound splits batches only where lengths differ: 40 units of 95-100 tokens in 1,000-token batches."""
+    lengths = np.random.default_rng(2).integers(95, 101, size=40)
+    batches = token_budget_batches(lengths, 1000)
+    assert [len(b) for b in batches] == [10, 10, 10, 10]
 
 
 def test_ranges_concatenates_aranges():

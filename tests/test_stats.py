@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from empg_cli.stats import TokenStats, token_stats_from_hidden, token_stats_from_logits
+from empg_cli.stats import Head, TokenStats, logit_buffers, token_stats_from_hidden, token_stats_from_logits
 
 try:
     from . import reference as ref
@@ -204,6 +204,11 @@ def linear_head(d: int, vocab: int, dtype: torch.dtype = torch.float32, seed: in
     return head
 
 
+def writing(linear: torch.nn.Module) -> Head:
+    """The stats.Head of a plain layer: its logits, copied into `out` when given."""
+    return lambda hidden, out=None: linear(hidden) if out is None else out.copy_(linear(hidden))
+
+
 def chunk_elements_for(label: str, n: int, vocab: int) -> int:
     return {"1": 1, "7": 7, "7 rows": 7 * vocab, "one short of all": n * vocab - 1, "big": 1 << 30}[label]
 
@@ -229,7 +234,7 @@ def test_chunked_is_bit_identical_when_the_head_is_exact(chunk: str, temperature
     head, hidden, targets = exact_head(n, d, vocab, seed=1)
     with torch.no_grad():
         whole = token_stats_from_logits(head(hidden), targets, temperature)
-        chunked = token_stats_from_hidden(hidden, head, targets, temperature,
+        chunked = token_stats_from_hidden(hidden, writing(head), targets, temperature,
                                           chunk_elements=chunk_elements_for(chunk, n, vocab))
     for name in FIELDS:
         got, want = getattr(chunked, name), getattr(whole, name)
@@ -248,12 +253,40 @@ def test_chunked_equals_unchunked_with_a_random_head(chunk: str) -> None:
     with torch.no_grad():
         logits = head(hidden)
         whole = token_stats_from_logits(logits, targets, 0.55)
-        chunked = token_stats_from_hidden(hidden, head, targets, 0.55, chunk_elements=chunk_elements_for(chunk, n, vocab))
+        chunked = token_stats_from_hidden(hidden, writing(head), targets, 0.55,
+                                          chunk_elements=chunk_elements_for(chunk, n, vocab))
     for name in FIELDS:
         got, want = getattr(chunked, name), getattr(whole, name)
         assert got.shape == (n,) and got.dtype == torch.float32, name
         err = float((got - want).abs().max())
         assert err <= tolerance(logits, 0.55), f"{name}: {err:.3e}"
+
+
+@pytest.mark.parametrize("given", [False, True])
+def test_every_chunk_is_written_into_the_same_buffer(given: bool) -> None:
+    """No (rows, V) tensor is allocated per chunk: the head writes each chunk's logits into one buffer, the caller's
+    when it passes logit_buffers (whose rows then set the chunk size), and the statistics do not change."""
+    n, d, vocab = 23, 8, 50
+    linear = linear_head(d, vocab)
+    seen = []
+
+    def head(hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if out is not None:
+            seen.append(out.untyped_storage().data_ptr())
+        return writing(linear)(hidden, out)
+
+    hidden = torch.randn(n, d, generator=torch.Generator().manual_seed(8))
+    targets = torch.randint(vocab, (n,), generator=torch.Generator().manual_seed(9))
+    buffers = logit_buffers(n, vocab, hidden.device, chunk_elements=5 * vocab) if given else None
+    with torch.no_grad():
+        stats = token_stats_from_hidden(hidden, head, targets, 0.9, chunk_elements=n * vocab if given else 5 * vocab,
+                                        buffers=buffers)
+        whole = token_stats_from_logits(linear(hidden), targets, 0.9)
+    assert len(seen) == 5 and len(set(seen)) == 1, seen
+    if given:
+        assert seen[0] == buffers.untyped_storage().data_ptr()
+    for name in FIELDS:
+        torch.testing.assert_close(getattr(stats, name), getattr(whole, name), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("chunk_elements", [1, 7, 1 << 30])
@@ -263,7 +296,7 @@ def test_chunked_matches_float64_reference(chunk_elements: int) -> None:
     hidden = torch.randn(n, d, generator=torch.Generator().manual_seed(2))
     targets = torch.randint(vocab, (n,), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        stats = token_stats_from_hidden(hidden, head, targets, 0.8, chunk_elements=chunk_elements)
+        stats = token_stats_from_hidden(hidden, writing(head), targets, 0.8, chunk_elements=chunk_elements)
         logits64 = hidden.double() @ head.weight.double().T + head.bias.double()   # (N, V)
     errors = max_errors(stats, logits64, targets, 0.8)
     assert all(err <= tolerance(logits64, 0.8) for err in errors.values()), errors
@@ -278,7 +311,7 @@ def test_chunked_half_precision_head(dtype: torch.dtype, chunk_elements: int) ->
     targets = torch.randint(vocab, (n,), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         logits = head(hidden)                                                    # (N, V) in dtype
-        stats = token_stats_from_hidden(hidden, head, targets, 1.3, chunk_elements=chunk_elements)
+        stats = token_stats_from_hidden(hidden, writing(head), targets, 1.3, chunk_elements=chunk_elements)
     for name, got in all_fields(stats).items():
         assert got.dtype == torch.float32, name
     errors = max_errors(stats, logits, targets, 1.3)
@@ -288,7 +321,7 @@ def test_chunked_half_precision_head(dtype: torch.dtype, chunk_elements: int) ->
 def test_empty_input() -> None:
     logits_stats = token_stats_from_logits(torch.zeros(0, 11, dtype=torch.bfloat16), torch.zeros(0, dtype=torch.long), 0.7)
     hidden_stats = token_stats_from_hidden(torch.zeros(0, 4, dtype=torch.bfloat16),
-                                           linear_head(4, 11, dtype=torch.bfloat16),
+                                           writing(linear_head(4, 11, dtype=torch.bfloat16)),
                                            torch.zeros(0, dtype=torch.long), 0.7, chunk_elements=7)
     for stats in (logits_stats, hidden_stats):
         for name, got in all_fields(stats).items():
@@ -302,7 +335,8 @@ def test_head_chunks_on_device_match_float64_reference_at_a_152k_vocabulary(devi
     head, hidden, targets = exact_head(n, d, vocab, seed=7)
     with torch.no_grad():
         logits = hidden.double() @ head.weight.double().T                        # (N, V) exact integers
-        stats = token_stats_from_hidden(hidden.to(device, dtype), head.to(device, dtype), targets.to(device), 0.7,
+        stats = token_stats_from_hidden(hidden.to(device, dtype), writing(head.to(device, dtype)), targets.to(device),
+                                        0.7,
                                         chunk_elements=2 * vocab + 1)
     assert all(t.device.type == device and t.dtype == torch.float32 for t in stats)
     errors = max_errors(TokenStats(*(t.cpu() for t in stats)), logits, targets, 0.7)
@@ -321,7 +355,7 @@ def test_cuda_peak_memory_is_bounded_by_the_chunk_not_by_positions_x_vocabulary(
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
     with torch.no_grad():
-        token_stats_from_hidden(hidden, head, targets, 1.0, chunk_elements=chunk)
+        token_stats_from_hidden(hidden, writing(head), targets, 1.0, chunk_elements=chunk)
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - before
     full_logits = n * vocab * 4
