@@ -5,17 +5,21 @@ the same case in one run, and the time a resumed run saves after a kill -9.
                                                 # of bench/RESULTS.md (about 10 minutes on 2 quiet cores)
     .venv/bin/python bench/engines.py --quick   # a small case; prints the section only
 
-Throughput is response tokens per second of `score_file` end to end (read, plan, start the actors and load the
-policy in each, score, commit, advantages, write); the local Ray cluster itself is started once beforehand and its
-start-up is reported apart. Runs of one engine setting interleave with the others' (round robin, best of
-REPEATS), so load from other work hits them alike; the load average is recorded beside the figures. The GPU rows
-(workers = GPUs) are in `bench/run.py --gpu`, which calls `measure` below.
+Throughput is response tokens per second of `empg score` end to end, as a user runs it, in a process of its own
+(imports, read, plan, start the actors and load the policy in each, score, commit, advantages, write); the local
+Ray cluster, which the Ray runs attach to (RAY_ADDRESS), is started once beforehand and its start-up (with Ray
+Data's own helper actors, made by the first job on a cluster) is reported apart. Runs of one engine setting
+interleave with the others' (round robin, each round starting one setting later, best of REPEATS): a shared
+machine's speed drifts by 10-20 % over minutes, and interleaving lets the drift hit all settings alike; the load
+average is recorded beside the figures. The GPU rows (workers = GPUs) are in `bench/run.py --gpu`, which calls
+`measure` below.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,18 +32,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import polars as pl  # noqa: E402
 
 from data import ModelSpec, build_model, multi_turn  # noqa: E402
 
-from empg_cli.config import AdvantageConfig, ScoreConfig  # noqa: E402
 from empg_cli.output import sidecar  # noqa: E402
-from empg_cli.pipeline import score_file  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 START, END = "<!-- engines:start -->", "<!-- engines:end -->"
 """The section's markers in bench/RESULTS.md: bench/run.py keeps what lies between them when it rewrites the rest."""
-REPEATS = 2
+REPEATS = 3
 ALL_RUNS: dict[str, list[float]] = {}
 """Every timed run of the last `measure`, name -> seconds: under load their spread says how far to trust the best."""
 MODEL = ModelSpec("engines-32k", vocab_size=32_000, hidden_size=256, num_layers=6, intermediate_size=768,
@@ -56,16 +58,40 @@ def case(work: Path, trajectories: int) -> tuple[Path, Path, int]:
     return model_dir, rollouts.write(work / "engines.parquet"), rollouts.n_response_tokens
 
 
+def empg_score(src: Path, out: Path, model_dir: Path, device: str, options: dict) -> subprocess.Popen:
+    """`empg score` as a user runs it, in a process of its own, on one torch thread (the local engine; each Ray
+    worker sets its own), attached to this process's Ray cluster when there is one."""
+    flags = [x for key, value in options.items()
+             for x in [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])]
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(BENCH.parent), os.environ.get("PYTHONPATH", "")]))
+    import ray
+    if ray.is_initialized():
+        env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    return subprocess.Popen([sys.executable, "-m", "empg_cli", "score", str(src), "-o", str(out), "--model",
+                             str(model_dir), "--device", device, "--overwrite", *flags],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc: subprocess.Popen) -> str:
+    """The run's output; a failed run stops the bench with it."""
+    output = proc.communicate()[0]
+    if proc.returncode:
+        sys.exit(f"empg score failed ({proc.returncode}):\n{output}")
+    return output
+
+
 def measure(src: Path, model_dir: Path, runs: dict[str, dict], device: str = "cpu",
             repeats: int = REPEATS) -> dict[str, float]:
-    """Best wall seconds of score_file per named engine setting (keyword arguments of score_file), interleaved."""
+    """Best wall seconds of `empg score` per named engine setting (options: its flags), interleaved."""
     best: dict[str, float] = {}
     ALL_RUNS.clear()
+    names = list(runs)
     for r in range(repeats):
-        for name, options in runs.items():
+        for name in names[r % len(names):] + names[:r % len(names)]:
             started = time.perf_counter()
-            score_file(src, src.with_name(f"{src.stem}.{r}.scored.parquet"), ScoreConfig(model=str(model_dir),
-                       device=device), AdvantageConfig(), overwrite=True, resume=False, **options)
+            finish(empg_score(src, src.with_name(f"{src.stem}.{r}.scored.parquet"), model_dir, device,
+                              {**runs[name], "no_resume": True}))
             seconds = time.perf_counter() - started
             best[name] = min(best.get(name, seconds), seconds)
             ALL_RUNS.setdefault(name, []).append(seconds)
@@ -76,12 +102,7 @@ def measure(src: Path, model_dir: Path, runs: dict[str, dict], device: str = "cp
 def resumed_saving(src: Path, model_dir: Path, full_s: float) -> dict[str, float]:
     """Kill -9 a local run half-way through its expected time, rerun the same command: what the rerun took."""
     out = src.with_name("killed.scored.parquet")
-    child = ("import sys, torch\ntorch.set_num_threads(1)\nfrom pathlib import Path\n"
-             "from empg_cli.config import AdvantageConfig, ScoreConfig\nfrom empg_cli.pipeline import score_file\n"
-             "score_file(Path(sys.argv[1]), Path(sys.argv[2]), ScoreConfig(model=sys.argv[3]), AdvantageConfig(),"
-             " overwrite=True, resume=False)\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(BENCH.parent), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen([sys.executable, "-c", child, str(src), str(out), str(model_dir)], env=env)
+    proc = empg_score(src, out, model_dir, "cpu", {})
     started = time.perf_counter()
     time.sleep(full_s / 2)
     proc.send_signal(signal.SIGKILL)
@@ -89,9 +110,11 @@ def resumed_saving(src: Path, model_dir: Path, full_s: float) -> dict[str, float
     killed_at = time.perf_counter() - started
     parts = len(list(sidecar(out, "work").glob("part-*.parquet")))
     started = time.perf_counter()
-    summary = score_file(src, out, ScoreConfig(model=str(model_dir)), AdvantageConfig(), overwrite=True)
+    output = finish(empg_score(src, out, model_dir, "cpu", {}))
+    resumed = re.search(r"resumed\s+([\d,]+) steps", output)
     return {"killed_at": killed_at, "parts": parts, "rerun": time.perf_counter() - started,
-            "resumed": summary.resumed_steps, "steps": summary.rows}
+            "resumed": int(resumed.group(1).replace(",", "")) if resumed else 0,
+            "steps": pl.scan_parquet(out).select(pl.len()).collect().item()}
 
 
 def section(info: dict, tokens: int, best: dict[str, float], resume: dict[str, float]) -> str:
@@ -102,7 +125,8 @@ def section(info: dict, tokens: int, best: dict[str, float], resume: dict[str, f
         START, "## Engines: Ray workers and resume (bench/engines.py)", "",
         f"Written by `bench/engines.py` on {info['when']}; {info['case']}. Load average before: {info['load_before']}, "
         f"after: {info['load_after']} (the 2 cores are shared with other work: rerun on a quiet machine for clean "
-        f"figures). Local Ray cluster start-up, once, not counted below: {info['ray_start']:.1f} s.", "",
+        f"figures). Local Ray cluster start-up with Ray Data's helper actors, once, not counted below: "
+        f"{info['ray_start']:.1f} s.", "",
         "| engine | seconds | throughput | ratio | target | result |", "|---|---|---|---|---|---|",
         f"| local, 1 torch thread | {local:.1f} | {rate(local)} |  |  |  |",
         f"| ray, 1 single-thread CPU worker | {one:.1f} | {rate(one)} | overhead {overhead:+.0%} vs local | "
@@ -112,8 +136,9 @@ def section(info: dict, tokens: int, best: dict[str, float], resume: dict[str, f
         f"| local, killed (kill -9) at {resume['killed_at']:.1f} s, then rerun | {resume['rerun']:.1f} | | "
         f"resumed {resume['resumed']:,} of {resume['steps']:,} steps ({resume['parts']} parts); the rerun took "
         f"{resume['rerun'] / local:.0%} of an uninterrupted run |  |  |", "",
-        "Each Ray run starts its actors and loads the policy in each (a few seconds) inside the timed run: that is "
-        "the overhead on one worker. All timed runs (seconds, in order): "
+        "Each run is `empg score` in a process of its own; a Ray run also starts its actors, which import torch and "
+        "transformers and load the policy (a few seconds) inside the timed run: that is the overhead on one worker. "
+        "All timed runs (seconds, in order): "
         + "; ".join(f"{k} " + ", ".join(f"{x:.1f}" for x in v) for k, v in ALL_RUNS.items())
         + ". Rerun: `make bench-engines`.", END, ""]
     return "\n".join(lines)
@@ -138,7 +163,7 @@ def main() -> None:
     parser.add_argument("--trajectories", type=int, default=None, help="case size (default 192, quick 8)")
     args = parser.parse_args()
     import ray
-    torch.set_num_threads(1)  # the local engine on one thread, as each Ray worker
+    import ray.data
     trajectories = args.trajectories or (8 if args.quick else 192)
     info = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg())}
@@ -148,6 +173,7 @@ def main() -> None:
                         f"{MODEL.describe()}, float32 on the CPU, default chunk sizes")
         started = time.perf_counter()
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.data.range(2).map_batches(lambda batch: batch).materialize()  # Ray Data's helper actors
         info["ray_start"] = time.perf_counter() - started
         runs = {"local, 1 thread": {}, "ray, 1 worker": {"engine": "ray", "workers": 1},
                 "ray, 2 workers": {"engine": "ray", "workers": 2}}

@@ -361,7 +361,7 @@ def gpu_engines(work: Path, model_dir: Path, quick: bool) -> list[Row]:
     try:
         import ray
     except ImportError:  # the optional extra: a GPU machine without it still gets every other row
-        return [Row("gpu-engines", "empg score_file --engine ray: not measured, ray is not installed here")]
+        return [Row("gpu-engines", "empg score --engine ray: not measured, ray is not installed here")]
 
     from engines import measure
     gpus = torch.cuda.device_count()
@@ -376,9 +376,9 @@ def gpu_engines(work: Path, model_dir: Path, quick: bool) -> list[Row]:
         ray.shutdown()
     speedup = best["local"] / best["ray"]
     case = f"gpu-engines ({tokens:,} tokens)"
-    return [Row(case, "empg score_file --engine local (one GPU)", best["local"],
+    return [Row(case, "empg score --engine local (one GPU)", best["local"],
                 f"{tokens / best['local']:,.0f} tok/s"),
-            Row(case, f"empg score_file --engine ray ({gpus} workers, one per GPU)", best["ray"],
+            Row(case, f"empg score --engine ray ({gpus} workers, one per GPU)", best["ray"],
                 f"{tokens / best['ray']:,.0f} tok/s", f"{speedup:.2f}x local",
                 f">= {0.85 * gpus:.2f}x" if gpus > 1 else "", speedup >= 0.85 * gpus if gpus > 1 else None)]
 
