@@ -2,7 +2,7 @@
 the same case in one run, and the time a resumed run saves after a kill -9.
 
     make bench-engines                          # = .venv/bin/python bench/engines.py: writes the "Engines" section
-                                                # of bench/RESULTS.md (about 10 minutes on 2 quiet cores)
+                                                # of bench/RESULTS.md (about 13 minutes on 2 quiet cores)
     .venv/bin/python bench/engines.py --quick   # a small case; prints the section only
 
 Throughput is response tokens per second of `empg score` end to end, as a user runs it, in a process of its own
@@ -41,7 +41,7 @@ from empg_cli.output import sidecar  # noqa: E402
 BENCH = Path(__file__).resolve().parent
 START, END = "<!-- engines:start -->", "<!-- engines:end -->"
 """The section's markers in bench/RESULTS.md: bench/run.py keeps what lies between them when it rewrites the rest."""
-REPEATS = 3
+REPEATS = 5
 ALL_RUNS: dict[str, list[float]] = {}
 """Every timed run of the last `measure`, name -> seconds: under load their spread says how far to trust the best."""
 MODEL = ModelSpec("engines-32k", vocab_size=32_000, hidden_size=256, num_layers=6, intermediate_size=768,
