@@ -106,7 +106,7 @@ def resumed_saving(src: Path, model_dir: Path, full_s: float) -> dict[str, float
     started = time.perf_counter()
     time.sleep(full_s / 2)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.communicate()  # drains and closes its pipe
     killed_at = time.perf_counter() - started
     parts = len(list(sidecar(out, "work").glob("part-*.parquet")))
     started = time.perf_counter()
