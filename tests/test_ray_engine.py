@@ -81,3 +81,25 @@ def test_ray_flags_without_the_ray_engine_are_bad_usage(tmp_path, capsys):
     assert main(["score", str(src), "--model", str(tmp_path / "m"), "--engine", "ray", "--workers", "0"]) == 2
     assert capsys.readouterr().err == "error: --workers must be >= 1; got 0\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.parquet"]
+
+
+
+def test_a_cluster_that_cannot_be_reached_is_one_error_line(tmp_path, capsys, monkeypatch):
+    """ray.init's ConnectionError (a wrong --ray-address, a stopped cluster, a missing token) is bad usage naming the
+    address, before any scoring: exit 2, one line, nothing written. (Ray itself takes minutes to give up on a
+    closed port, so its error is raised here directly.)"""
+    ray = pytest.importorskip("ray")
+
+    def unreachable(address=None, **kwargs):
+        raise ConnectionError(f"Failed to connect to Ray cluster at {address}")
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", unreachable)
+    build_model(tmp_path / "m")
+    src = write_rollouts(tmp_path / "in.parquet", random_rollouts(np.random.default_rng(44), groups=1))
+    code = main(["score", str(src), "--model", str(tmp_path / "m"), "--engine", "ray", "--ray-address", "10.0.0.9:6379"])
+    assert code == 2
+    assert capsys.readouterr().err == (
+        "error: cannot attach to the Ray cluster at 10.0.0.9:6379 (Failed to connect to Ray cluster at 10.0.0.9:6379): "
+        "check that it runs (`ray status` there) and, if it uses token authentication, that RAY_AUTH_MODE=token is "
+        "set here\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.parquet", "m"]

@@ -86,14 +86,20 @@ def _first_line(exc: BaseException) -> str:
 @contextmanager
 def _cluster(ray: Any, address: str | None) -> Iterator[None]:
     """Attach to `address`, else to RAY_ADDRESS's cluster, else start a local one (shut down afterwards); a Ray
-    already initialised in this process is used as it is."""
+    already initialised in this process is used as it is. A cluster that cannot be reached is bad usage."""
     if ray.is_initialized():
         yield
         return
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
-    else:
-        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    target = address or os.environ.get("RAY_ADDRESS")
+    try:
+        if target:
+            ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
+        else:
+            ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    except ConnectionError as exc:
+        raise BadUsage(f"cannot attach to the Ray cluster at {target or 'this machine'} ({exc}): check that it "
+                       f"runs (`ray status` there) and, if it uses token authentication, that RAY_AUTH_MODE=token "
+                       f"is set here") from exc
     try:
         yield
     finally:
