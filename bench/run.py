@@ -371,7 +371,8 @@ def gpu_engines(work: Path, model_dir: Path, quick: bool) -> list[Row]:
     src, tokens = rollouts.write(work / "gpu-engines.parquet"), rollouts.n_tokens
     ray.init(include_dashboard=False, log_to_driver=False)  # a local cluster holding every GPU of the machine
     try:
-        best = measure(src, model_dir, {"local": {}, "ray": {"engine": "ray"}}, device="cuda", repeats=REPEATS)
+        best = measure(model_dir, {"local": [(src, {})], "ray": [(src, {"engine": "ray"})]}, device="cuda",
+                       repeats=REPEATS)
     finally:
         ray.shutdown()
     speedup = best["local"] / best["ray"]
