@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 
 import numpy as np
@@ -96,10 +97,31 @@ def test_a_cluster_that_cannot_be_reached_is_one_error_line(tmp_path, capsys, mo
     monkeypatch.setattr(ray, "init", unreachable)
     build_model(tmp_path / "m")
     src = write_rollouts(tmp_path / "in.parquet", random_rollouts(np.random.default_rng(44), groups=1))
-    code = main(["score", str(src), "--model", str(tmp_path / "m"), "--engine", "ray", "--ray-address", "10.0.0.9:6379"])
+    capsys.readouterr()
+    code = main(["score", str(src), "--model", str(tmp_path / "m"), "--engine", "ray", "--ray-address", "auto"])
     assert code == 2
     assert capsys.readouterr().err == (
-        "error: cannot attach to the Ray cluster at 10.0.0.9:6379 (Failed to connect to Ray cluster at 10.0.0.9:6379): "
-        "check that it runs (`ray status` there) and, if it uses token authentication, that RAY_AUTH_MODE=token is "
-        "set here\n")
+        "error: cannot attach to the Ray cluster at auto (Failed to connect to Ray cluster at auto): check that it "
+        "runs (`ray status` there) and, if it uses token authentication, that RAY_AUTH_MODE=token is set here\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.parquet", "m"]
+
+
+def test_an_address_where_nothing_listens_fails_at_once(tmp_path, capsys, monkeypatch):
+    """A closed port is found before ray.init, which would retry it for minutes."""
+    ray = pytest.importorskip("ray")
+
+    def not_reached(**kwargs):
+        raise AssertionError("ray.init was called")
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", not_reached)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with socket.socket() as s:  # a free port, closed again
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    build_model(tmp_path / "m")
+    src = write_rollouts(tmp_path / "in.parquet", random_rollouts(np.random.default_rng(45), groups=1))
+    capsys.readouterr()
+    assert main(["score", str(src), "--model", str(tmp_path / "m"), "--engine", "ray", "--ray-address", address]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot attach to the Ray cluster at {address} (Connection refused): ")
+    assert len(err.splitlines()) == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["in.parquet", "m"]

@@ -14,6 +14,7 @@ import io
 import logging
 import os
 import pickle
+import socket
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -83,6 +84,18 @@ def _first_line(exc: BaseException) -> str:
     return (own or lines or [type(exc).__name__])[0]
 
 
+def _check_reachable(address: str) -> None:
+    """ConnectionError now when nothing answers at a host:port address; Ray itself retries for minutes. Other forms
+    ("auto", "ray://...") are Ray's to resolve."""
+    host, _, port = address.rpartition(":")
+    if not host or "://" in address or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as exc:
+        raise ConnectionError(exc.strerror or str(exc)) from exc
+
+
 @contextmanager
 def _cluster(ray: Any, address: str | None) -> Iterator[None]:
     """Attach to `address`, else to RAY_ADDRESS's cluster, else start a local one (shut down afterwards); a Ray
@@ -93,6 +106,7 @@ def _cluster(ray: Any, address: str | None) -> Iterator[None]:
     target = address or os.environ.get("RAY_ADDRESS")
     try:
         if target:
+            _check_reachable(target)
             ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
         else:
             ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
