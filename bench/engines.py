@@ -162,6 +162,7 @@ def section(info: dict, tokens: int, best: dict[str, float], resume: dict[str, f
         f"| local, killed (kill -9) at {resume['killed_at']:.1f} s, then rerun | {resume['rerun']:.1f} | | "
         f"resumed {resume['resumed']:,} of {resume['steps']:,} steps ({resume['parts']} parts); the rerun took "
         f"{resume['rerun'] / local:.0%} of an uninterrupted run |  |  |", "",
+        per_round(), "",
         "Each run is `empg score` in a process of its own; a Ray run also starts its actors, which import torch and "
         "transformers and load the policy (a few seconds) inside the timed run: that is the overhead on one worker. "
         "The two local processes on halves of the input (whole groups, about the same tokens each) are what two "
@@ -172,6 +173,21 @@ def section(info: dict, tokens: int, best: dict[str, float], resume: dict[str, f
         + "; ".join(f"{k} " + ", ".join(f"{x:.1f}" for x in v) for k, v in ALL_RUNS.items())
         + ". Rerun: `make bench-engines`.", END, ""]
     return "\n".join(lines)
+
+
+def per_round() -> str:
+    """The ratios within each round, whose runs are minutes apart, against the drift across rounds."""
+    runs = {name: np.asarray(seconds) for name, seconds in ALL_RUNS.items()}
+    local, one, two, pair = (runs[k] for k in ("local, 1 thread", "ray, 1 worker", "ray, 2 workers",
+                                                "local x2, halves"))
+
+    def spread(values: np.ndarray, form: str) -> str:
+        return f"median {form.format(np.median(values))} ({form.format(values.min())} to {form.format(values.max())})"
+    return (f"The same ratios within each of the {len(local)} rounds (the runs of a round follow one another; across "
+            f"rounds the local run took {local.min():.1f} to {local.max():.1f} s): 2 workers vs 1 "
+            f"{spread(one / two, '{:.2f}x')}; two local processes vs one {spread(local / pair, '{:.2f}x')}; ray on 2 "
+            f"workers vs the two local processes {spread(pair / two, '{:.0%}')}; one worker vs local "
+            f"{spread(one / local - 1, '{:+.0%}')}.")
 
 
 def write_section(text: str) -> Path:
