@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import sys
 
@@ -15,6 +16,7 @@ from empg_cli.chunk import STEP_COLUMNS
 from empg_cli.cli import main
 from empg_cli.config import AdvantageConfig, ScoreConfig
 from empg_cli.pipeline import score_file
+from empg_cli.progress import Progress
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,9 @@ def test_ray_engine_gives_the_local_engines_table(tmp_path, cluster):
     cfg = ScoreConfig(model=str(tmp_path / "ckpt/step_{iteration}"), token_level=True)
     local, distributed = tmp_path / "local.parquet", tmp_path / "ray.parquet"
     score_file(src, local, cfg, AdvantageConfig(), chunk_tokens=60)
-    summary = score_file(src, distributed, cfg, AdvantageConfig(), engine="ray", workers=2, chunk_tokens=60)
+    notes: list[str] = []
+    summary = score_file(src, distributed, cfg, AdvantageConfig(), engine="ray", workers=2, chunk_tokens=60,
+                         progress=Progress(note=notes.append))
     a, b = pl.read_parquet(local), pl.read_parquet(distributed)
     assert a.columns == b.columns and summary.tokens_scored == a["n_response_tokens"].sum()
     assert a.select("group_id", "traj_id", "step", "iteration", "response_ids").equals(
@@ -58,6 +62,9 @@ def test_ray_engine_gives_the_local_engines_table(tmp_path, cluster):
         np.testing.assert_allclose(b[name].explode().to_numpy(), a[name].explode().to_numpy(), atol=1e-5,
                                    err_msg=name)
     assert not list(tmp_path.glob(".empg-*"))  # no work folder, lock or temp file left
+    for it in (0, 1):  # each worker's checkpoint loads reach the driver's log, the worker named
+        ref = str(tmp_path / f"ckpt/step_{it}")
+        assert any(re.fullmatch(rf"worker \d+@\S+: loaded {re.escape(ref)} in \d+\.\d s", n) for n in notes), notes
 
 
 def test_a_worker_that_raises_is_one_error_line(tmp_path, capsys, cluster):

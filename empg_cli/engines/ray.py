@@ -39,6 +39,9 @@ IN_FLIGHT = dict(max_tasks_in_flight_per_actor=2)
 busy cores), and no more: with guided sizes, what waits in a queue near the end is small."""
 ERROR = "_error"
 """The one column of a worker's reply when its chunk is bad input (a pickled EmpgError)."""
+NOTES = "_notes"
+"""A column of a worker's reply whose first row holds the worker's notes since its last reply (loading a checkpoint),
+which the driver writes to the progress log."""
 INSTALL_HINT = "--engine ray needs Ray: pip install 'empg[ray]'"
 
 
@@ -60,15 +63,21 @@ class ChunkScorer:
             import torch
             torch.set_num_threads(threads)
         self.source, self.refs, self.cfg = source, refs, cfg
-        self.checkpoints = Checkpoints(cfg)
+        self.name = f"worker {os.getpid()}@{socket.gethostname()}"
+        self.notes: list[str] = []
+        self.checkpoints = Checkpoints(cfg, lambda message: self.notes.append(f"{self.name}: {message}"))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         keys = pl.read_ipc(io.BytesIO(batch.column("keys")[0].as_py()))
         table = read_rows(self.source.path, self.source.columns, keys[ROW].to_numpy())
         try:
-            return score_chunk(keys, table, self.source, self.refs, self.checkpoints, self.cfg)
+            result = score_chunk(keys, table, self.source, self.refs, self.checkpoints, self.cfg)
         except EmpgError as exc:  # Ray Data passes the driver only the text of a worker's exception: send it whole
             return pa.table({ERROR: [pickle.dumps(exc)]})
+        if self.notes:
+            notes = ["\n".join(self.notes)] + [None] * (result.num_rows - 1)
+            result, self.notes = result.append_column(NOTES, pa.array(notes, pa.string())), []
+        return result
 
 
 def _ipc(frame: pl.DataFrame) -> bytes:
@@ -163,6 +172,10 @@ def run_ray(job: Job, work: WorkFolder, progress, *, workers: int | None, addres
             for part in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
                 if ERROR in part.column_names:
                     raise pickle.loads(part.column(ERROR)[0].as_py())
+                if NOTES in part.column_names:
+                    for note in part.column(NOTES)[0].as_py().splitlines():
+                        progress.note(note)
+                    part = part.drop_columns([NOTES])
                 work.commit(part)
                 progress.advance(part.num_rows, int(np.asarray(part.column("n_response_tokens")).sum()))
         except ray.exceptions.RayError as exc:  # a worker's bug, lost node or out-of-memory: its first line
